@@ -84,8 +84,10 @@ def rotate_about_axis(v: Any, axis: Any, angle: Any) -> Any:
     k = np.asarray(axis, dtype=np.float64)
     k = k / np.linalg.norm(k)
     kx = _c(xp, k, v)
-    c = xp.cos(angle)[..., None] if not isinstance(angle, (int, float)) else np.cos(angle)
-    s = xp.sin(angle)[..., None] if not isinstance(angle, (int, float)) else np.sin(angle)
+    if isinstance(angle, (int, float)):
+        c, s = float(np.cos(angle)), float(np.sin(angle))
+    else:
+        c, s = xp.cos(angle)[..., None], xp.sin(angle)[..., None]
     kv = _dot3(v, kx)[..., None]
     return v * c + _cross3(xp, xp.broadcast_to(kx, v.shape), v) * s + kx * kv * (1.0 - c)
 
@@ -214,7 +216,8 @@ def resolution_from_s1(beam: Beam, s1: Any) -> Any:
     xp = _xp(s1)
     q = s1 - _c(xp, beam.s0, s1)
     qlen = _norm3(xp, q)
-    return 1.0 / xp.where(qlen > 0, qlen, 0.0)
+    hit = qlen > 0
+    return xp.where(hit, 1.0 / xp.where(hit, qlen, 1.0), xp.inf)
 
 
 def two_theta_from_s1(beam: Beam, s1: Any) -> Any:

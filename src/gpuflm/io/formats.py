@@ -105,7 +105,10 @@ def reader_class(format_name: str) -> type[ImageFile]:
 
 def _load_builtin_readers() -> None:
     """Import the modules whose classes register themselves (once)."""
-    from . import cbf, fabio_formats, nexus  # noqa: F401
+    import importlib
+
+    for name in ("cbf", "fabio_formats", "nexus"):
+        importlib.import_module(f"{__package__}.{name}")
 
 
 def open_image(path: str | os.PathLike, format_name: str | None = None) -> ImageFile:
