@@ -35,6 +35,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         raise GpuflmError(f"cannot write here ({exc.strerror})", path=target.parent) from exc
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp makes owner-only files; give the result the modes a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         if not overwrite and target.exists():  # appeared while we were writing

@@ -46,7 +46,7 @@ class ImageFile:
 
     Subclasses set ``format_name`` and ``priority`` (higher is asked first)
     and implement :meth:`understands`, ``__init__``, :attr:`n_frames`,
-    :meth:`models` and :meth:`read`.
+    :attr:`frame_shape`, :meth:`models` and :meth:`read`.
     """
 
     format_name: ClassVar[str] = "base"
@@ -63,6 +63,11 @@ class ImageFile:
     @property
     def n_frames(self) -> int:
         return 1
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """Shape (nslow, nfast) of one raw frame as :meth:`read` returns it."""
+        raise NotImplementedError
 
     def models(self) -> FrameModels:
         """Geometry from the header."""

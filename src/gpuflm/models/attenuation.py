@@ -27,7 +27,7 @@ _COMPOUNDS = {
     "GaAs": (5.3176, {"Ga": 69.723 / (69.723 + 74.9216), "As": 74.9216 / (69.723 + 74.9216)}),
 }
 
-_ALIASES = {"silicon": "Si", "si": "Si", "cdte": "CdTe", "gaas": "GaAs", "ge": "Ge", "germanium": "Ge"}
+_ALIASES = {"silicon": "Si", "sillicon": "Si", "si": "Si", "cdte": "CdTe", "gaas": "GaAs", "ge": "Ge", "germanium": "Ge"}
 
 KEV_ANGSTROM = 12.398419843320026
 
