@@ -245,3 +245,18 @@ def test_observed_rlp_inverts_prediction():
     z = e.scan.frame_at_angle(np.degrees(a))
     rlp = g.observed_rlp(e.beam, e.detector[0], e.goniometer, e.scan, x, y, z)
     np.testing.assert_allclose(rlp[ok], p0[ok], atol=1e-10)
+
+
+@pytest.mark.parametrize("wavelength, distance, two_theta", [(0.5, 60.0, 60.0), (0.6889, 160.0, 30.0), (2.75, 50.0, 0.0)])
+def test_parallax_inverse_converges_in_hard_geometries(wavelength, distance, two_theta):
+    from gpuflm.models import attenuation_per_mm
+
+    det = Detector.simple(distance=distance, beam_centre_mm=(100.0, 100.0), pixel_size=(0.1, 0.1),
+                          image_size=(3000, 3000), two_theta=two_theta, thickness=1.0, material="Si",
+                          mu=attenuation_per_mm("Si", wavelength))
+    p = det[0]
+    xs = np.linspace(0.0, 3000.0, 61)
+    X, Y = np.meshgrid(xs, xs)
+    xm, ym = g.px_to_mm(p, X, Y)
+    x2, y2 = g.mm_to_px(p, xm, ym)
+    assert np.abs(x2 - X).max() < 1e-8 and np.abs(y2 - Y).max() < 1e-8

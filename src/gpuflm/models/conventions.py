@@ -17,6 +17,7 @@ are what ``gpuflm import`` offers to correct headers that lie.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +27,8 @@ from .crystal import Crystal
 from .detector import Detector, Panel
 from .experiment import Experiment
 from .goniometer import Goniometer
+
+log = logging.getLogger(__name__)
 
 #: imgCIF vector = MOSFLM_TO_LAB_IDEAL @ MOSFLM vector, for beam along -Z and axis along +X.
 MOSFLM_TO_LAB_IDEAL = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
@@ -158,8 +161,8 @@ def with_wavelength(experiment: Experiment, wavelength: float) -> Experiment:
         if p.thickness > 0 and p.mu > 0:
             try:
                 mu = attenuation_per_mm(p.material, wavelength)
-            except ValueError:
-                pass
+            except ValueError as exc:
+                log.warning("panel %s keeps mu = %.4g /mm: %s", p.name, p.mu, exc)
         panels.append(replace(p, mu=mu))
     return experiment.replace(beam=experiment.beam.with_wavelength(wavelength), detector=Detector(tuple(panels)))
 
