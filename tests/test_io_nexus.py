@@ -20,7 +20,7 @@ import pytest
 
 from conftest import shared_path
 
-from gpuflm.errors import ImageFormatError
+from gpuflm.errors import GpuflmError, ImageFormatError
 from gpuflm.geometry import beam_centre_px, rotation_matrix
 from gpuflm.io.nexus import MCSTAS_TO_IMGCIF, EigerDataFile, NexusFile
 from gpuflm.io.nexus_write import NexusWriter, data_file_names, write_nxmx
@@ -656,12 +656,14 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):
         yield known_frames()[0]
         raise RuntimeError("simulator crashed")
 
+    with pytest.raises(GpuflmError, match="exists already"):
+        write_nxmx(master, exp, known_frames())
     with pytest.raises(RuntimeError):
-        write_nxmx(master, exp, broken())
+        write_nxmx(master, exp, broken(), overwrite=True)
     with pytest.raises(ValueError, match="4 frames given for a scan of 5"):
-        write_nxmx(master, exp, known_frames(4))
+        write_nxmx(master, exp, known_frames(4), overwrite=True)
     with pytest.raises(ValueError, match="shape"):
-        write_nxmx(master, exp, known_frames(5, (64, 81)))
+        write_nxmx(master, exp, known_frames(5, (64, 81)), overwrite=True)
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before
     with pytest.raises(ValueError, match="beam along -Z"):
         write_nxmx(tmp_path / "y.nxs", exp.replace(beam=Beam(wavelength=1.0, direction=(0.01, 0, 1))), known_frames())

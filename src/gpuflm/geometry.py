@@ -373,11 +373,48 @@ def zeta_factor(beam: Beam, goniometer: Goniometer, s1: Any) -> Any:
     return _dot3(e1, _c(xp, goniometer.effective_rotation_axis, s1))
 
 
-def wrap_angle_into(phi: Any, start: float) -> Any:
-    """Add whole turns to ``phi`` (radians) so it lies in ``[start, start + 2 pi)``."""
+def wrap_angle_into(phi: Any, start: Any) -> Any:
+    """Add whole turns to ``phi`` (radians) so it lies in ``[start, start + 2 pi)`` (``start`` broadcasts)."""
     xp = _xp(phi)
     two_pi = 2.0 * np.pi
     return phi - two_pi * xp.floor((phi - start) / two_pi)
+
+
+def polarization_factor(beam: Beam, s1: Any) -> Any:
+    """Fraction of the scattered intensity kept by polarisation, for rays ``s1`` (..., 3).
+
+    ``P = p (1 - (u . e_p)^2) + (1 - p)(1 - (u . n)^2)`` for the unit ray ``u``,
+    polarisation fraction ``p`` in the plane normal to ``n`` (made
+    perpendicular to the beam) and electric vector ``e_p = n x b`` (``b``
+    along the beam): ``(1 + cos^2 2theta) / 2`` for an unpolarised beam. This
+    is the factor *applied* by diffraction; integration divides by it (as
+    DIALS' ``polarization_correction`` multiplies by its inverse).
+    """
+    xp = _xp(s1)
+    b = beam.s0 / np.linalg.norm(beam.s0)
+    n = np.asarray(beam.polarization_normal, dtype=np.float64)
+    n = n - (n @ b) * b
+    n /= np.linalg.norm(n)
+    e = np.cross(n, b)
+    u_len = _norm3(xp, s1)
+    ue = _dot3(s1, _c(xp, e, s1)) / u_len
+    un = _dot3(s1, _c(xp, n, s1)) / u_len
+    p = beam.polarization_fraction
+    return p * (1.0 - ue * ue) + (1.0 - p) * (1.0 - un * un)
+
+
+def lorentz_factor(beam: Beam, goniometer: Goniometer, s1: Any) -> Any:
+    """Rotation-method Lorentz factor ``L = 1 / (|zeta| sin 2theta)`` of rays ``s1`` (..., 3).
+
+    A lattice point crosses the Ewald sphere with normal speed proportional to
+    ``|m2 . (s1 x s0)| lambda = |zeta| sin 2theta`` per radian of scan, so the
+    scan-integrated intensity of a point reflection is ``I L``; mosaicity
+    spreads the crossing without changing the integral. ``inf`` where the ray
+    lies along the beam or the diffraction plane contains the axis.
+    """
+    xp = _xp(s1)
+    denominator = xp.abs(zeta_factor(beam, goniometer, s1)) * xp.sin(two_theta_from_s1(beam, s1))
+    return xp.where(denominator > 0, 1.0 / xp.where(denominator > 0, denominator, 1.0), xp.inf)
 
 
 def partiality(phi: Any, zeta: Any, sigma_m: float, phi_a: Any, phi_b: Any) -> Any:

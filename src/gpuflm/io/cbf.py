@@ -344,7 +344,7 @@ def parse_pilatus_header(text: str, path: str | None = None) -> dict[str, Any]:
 
 
 def _g(v: float) -> str:
-    return f"{float(v):.12g}"
+    return f"{float(v) + 0.0:.12g}"  # + 0.0 turns -0.0 into 0.0
 
 
 def format_pilatus_header(header: Mapping[str, Any]) -> str:
@@ -1121,6 +1121,8 @@ def minicbf_header(experiment: Experiment, image_number: int | None = None, *,
             header["Exposure_time"] = header["Exposure_period"] = scan.exposure_times[i]
         if scan.epochs:
             header["Timestamp"] = _epoch_to_timestamp(scan.epochs[i])
+    if "Timestamp" not in header:  # dxtbx refuses a miniCBF without one: say when it was written
+        header["Timestamp"] = _epoch_to_timestamp(time.time())
     return header
 
 

@@ -207,6 +207,9 @@ class NexusWriter:
     live : bool
         False: atomic, files appear at :meth:`close`. True: the master exists
         from the start and is updated after every frame.
+    overwrite : bool
+        Replace existing files of the same names (default: refuse with a
+        :class:`~gpuflm.errors.GpuflmError` naming the file).
 
     Examples
     --------
@@ -216,8 +219,10 @@ class NexusWriter:
     """
 
     def __init__(self, master_path: str | os.PathLike, experiment: Experiment, *, compression: str | None = "bslz4",
-                 frames_per_data_file: int = 1000, pixel_mask: Any = None, dtype: Any = None, live: bool = False):
+                 frames_per_data_file: int = 1000, pixel_mask: Any = None, dtype: Any = None, live: bool = False,
+                 overwrite: bool = False):
         self.master_path = os.fspath(master_path)
+        self._overwrite = bool(overwrite)
         if not os.path.isdir(os.path.dirname(os.path.abspath(self.master_path))):
             raise ValueError(f"the folder of {self.master_path} does not exist")
         if int(frames_per_data_file) < 1:
@@ -245,10 +250,11 @@ class NexusWriter:
         self._master_tmp: str | None = None
         self._closed = False
         if self._live:
-            with atomic_path(self.master_path) as tmp:
+            with atomic_path(self.master_path, overwrite=self._overwrite) as tmp:
                 self._write_master(_new_file(tmp))
         else:
-            self._master_tmp = _new_file(self._pending.enter_context(atomic_path(self.master_path)))
+            self._master_tmp = _new_file(self._pending.enter_context(atomic_path(self.master_path,
+                                                                                 overwrite=self._overwrite)))
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -325,10 +331,11 @@ class NexusWriter:
         k = len(self._counts)
         final = data_file_names(self.master_path, k + 1)[k]
         if self._live:
-            with atomic_path(final) as tmp, h5py.File(_new_file(tmp), "w", libver=_LIBVER) as fh:
+            with atomic_path(final, overwrite=self._overwrite) as tmp, \
+                    h5py.File(_new_file(tmp), "w", libver=_LIBVER) as fh:
                 self._new_data_file(fh)
         else:
-            tmp = _new_file(self._pending.enter_context(atomic_path(final)))
+            tmp = _new_file(self._pending.enter_context(atomic_path(final, overwrite=self._overwrite)))
             self._open_data = h5py.File(tmp, "w", libver=_LIBVER)
             self._new_data_file(self._open_data)
         self._counts.append(0)
@@ -558,7 +565,7 @@ def _axis_attrs(ds: h5py.Dataset, kind: str, vector: np.ndarray, units: str, dep
 
 def write_nxmx(master_path: str | os.PathLike, experiment: Experiment, frames: Any, *,
                compression: str | None = "bslz4", frames_per_data_file: int = 1000, pixel_mask: Any = None,
-               dtype: Any = None) -> list[str]:
+               dtype: Any = None, overwrite: bool = False) -> list[str]:
     """Write a sweep as an NXmx master file with DECTRIS-style data files, atomically.
 
     Parameters
@@ -570,7 +577,7 @@ def write_nxmx(master_path: str | os.PathLike, experiment: Experiment, frames: A
         Geometry and scan of the sweep (see :class:`NexusWriter`).
     frames : ndarray (n, nslow, nfast) or iterable of (nslow, nfast) arrays
         The images, streamed one at a time (an iterable is never held whole).
-    compression, frames_per_data_file, pixel_mask, dtype
+    compression, frames_per_data_file, pixel_mask, dtype, overwrite
         As for :class:`NexusWriter`.
 
     Returns
@@ -590,7 +597,7 @@ def write_nxmx(master_path: str | os.PathLike, experiment: Experiment, frames: A
     >>> paths = write_nxmx("/tmp/sim_master.h5", experiment, frames, frames_per_data_file=100)  # doctest: +SKIP
     """
     writer = NexusWriter(master_path, experiment, compression=compression, frames_per_data_file=frames_per_data_file,
-                         pixel_mask=pixel_mask, dtype=dtype)
+                         pixel_mask=pixel_mask, dtype=dtype, overwrite=overwrite)
     try:
         writer.extend(frames)
         scan = experiment.scan
