@@ -137,7 +137,9 @@ def _truncated_sweep(tmp_path, bad: int = 8):
     link_sweep(tmp_path, skip=(bad,))
     raw = l_cys(1, bad).read_bytes()
     (tmp_path / f"l-cyst_01_{bad:05d}.cbf").write_bytes(raw[: len(raw) - 100000])
-    (exp,) = open_sweeps([tmp_path / "l-cyst_01_00001.cbf"])  # headers are intact
+    with pytest.raises(ImageFormatError, match="l-cyst_01_00008.cbf: truncated"):
+        open_sweeps([tmp_path / "l-cyst_01_00001.cbf"])  # reading every header finds it at once
+    (exp,) = open_sweeps([tmp_path / "l-cyst_01_00001.cbf"], read_headers="ends")  # only first and last
     return exp
 
 

@@ -97,6 +97,12 @@ def open_maybe_compressed(path: str | os.PathLike) -> IO[bytes]:
     return fh
 
 
+def _raw_start(path: str, n: int) -> bytes:
+    """The first ``n`` bytes of the file as stored (compressed or not)."""
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
 def _read_all(path: str) -> bytes:
     try:
         with open_maybe_compressed(path) as fh:
@@ -200,7 +206,23 @@ def read_cbf_header(path: str | os.PathLike) -> CbfHeader:
     tail = buf[i:]
     stop = tail.find(_BINARY_START)
     mime_block = tail[: stop if stop >= 0 else len(tail)].decode("ascii", "replace")
-    return CbfHeader(path=p, text=buf[:i].decode("latin-1"), mime=_parse_mime(mime_block))
+    mime = _parse_mime(mime_block)
+    _check_complete(p, buf, i + stop + len(_BINARY_START) if stop >= 0 else None, mime)
+    return CbfHeader(path=p, text=buf[:i].decode("latin-1"), mime=mime)
+
+
+def _check_complete(path: str, buf: bytes, data_start: int | None, mime: dict) -> None:
+    """Cheap truncation check of an uncompressed CBF: the file must hold the binary size its header declares."""
+    size = mime.get("X-Binary-Size")
+    if data_start is None or size is None or not buf.startswith(_raw_start(path, len(CBF_MAGIC))):
+        return  # compressed (checked when decoded) or no declared size
+    try:
+        need = data_start + int(size)
+    except ValueError:
+        return
+    have = os.path.getsize(path)
+    if have < need:
+        raise ImageFormatError(f"truncated: the header declares {need} bytes of image, the file has {have}", path=path)
 
 
 # -- "# Key value" (Pilatus) header lines ---------------------------------------------------------
