@@ -132,3 +132,39 @@ def test_canonical_numbering_identical_on_every_backend(xp):
     got = canonical_labels(xp.asarray(lab), 4)
     assert namespace_name(got) == namespace_name(xp.asarray(lab))
     np.testing.assert_array_equal(to_numpy(got), [[[0, 1, 1, 0], [2, 0, 3, 3]], [[2, 2, 0, 4], [0, 0, 0, 4]]])
+
+
+# -- pixel lists (the sparse labeller the spot-finding step uses) ---------------------------------------
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gpuflm.kernels.label import label_pixels  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 4), ny=st.integers(1, 12), nx=st.integers(1, 12), fill=st.floats(0.05, 0.7),
+       connectivity=st.sampled_from(["2d", "3d"]), seed=st.integers(0, 2**31 - 1), shuffle=st.booleans())
+def test_label_pixels_equals_dense_labelling(n, ny, nx, fill, connectivity, seed, shuffle):
+    rng = np.random.default_rng(seed)
+    m = rng.random((n, ny, nx)) < fill
+    dense = label_spots(m, connectivity=connectivity)
+    z, y, x = np.nonzero(m)
+    order = rng.permutation(len(z)) if shuffle else np.arange(len(z))
+    spot, count = label_pixels(x[order], y[order], z[order] + 7, shape=(ny, nx), connectivity=connectivity)
+    assert count == dense.count
+    back = np.zeros(m.shape, np.int64)
+    back[z[order], y[order], x[order]] = spot + 1
+    np.testing.assert_array_equal(back, dense.labels)
+
+
+def test_label_pixels_groups_never_connect():
+    x = np.array([0, 0, 1])
+    y = np.array([0, 0, 0])
+    z = np.array([0, 0, 0])
+    spot, count = label_pixels(x, y, z, shape=(2, 2), group=np.array([0, 1, 1]))
+    assert count == 2 and spot.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="duplicates"):
+        label_pixels(x, y, z, shape=(2, 2))
+    assert label_pixels(x[:0], y[:0], z[:0], shape=(2, 2))[1] == 0

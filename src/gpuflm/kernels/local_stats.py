@@ -67,8 +67,10 @@ def device_of(x: Any) -> Any:
     return array_api_compat.device(x)
 
 
-def prepare_image(image: Any, mask: Any | None, xp: Any | None = None) -> tuple[Any, Any, Any]:
-    """Check an image (or block of frames) and its mask; return ``(xp, float64 image, bool mask)``.
+def prepare_image(image: Any, mask: Any | None, xp: Any | None = None, *,
+                  as_float64: bool = True) -> tuple[Any, Any, Any]:
+    """Check an image (or block of frames) and its mask; return ``(xp, float64 image, bool mask)``
+    (the image unconverted with ``as_float64=False``).
 
     Parameters
     ----------
@@ -99,7 +101,7 @@ def prepare_image(image: Any, mask: Any | None, xp: Any | None = None) -> tuple[
         )
     if mask.dtype != xp.bool:
         raise TypeError(f"mask must be boolean (True = valid pixel); got dtype {mask.dtype}")
-    return xp, xp.astype(image, xp.float64, copy=False), mask
+    return xp, (xp.astype(image, xp.float64, copy=False) if as_float64 else image), mask
 
 
 def check_half_window(half_window: tuple[int, int], name: str = "half_window") -> tuple[int, int]:

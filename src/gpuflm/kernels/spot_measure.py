@@ -114,15 +114,61 @@ def measure_spots(
     ny, nx = block.shape[1:]
     flat_labels = xp.reshape(labels, (-1,))
     idx = xp.nonzero(flat_labels)[0]
-    seg_of_pixel = xp.astype(xp.take(flat_labels, idx), xp.int64) - 1
+    spot = xp.astype(xp.take(flat_labels, idx), xp.int64) - 1
     if count is None:
-        count = int(xp.max(seg_of_pixel)) + 1 if seg_of_pixel.shape[0] else 0
-    order, segs = group_by_segment(seg_of_pixel, int(count), xp=xp)
-    idx = xp.take(idx, order)
-    w = xp.take(xp.reshape(xp.astype(block, xp.float64), (-1,)), idx)
-    z = idx // (ny * nx) + int(first_frame)  # frame index in the sweep
+        count = int(xp.max(spot)) + 1 if spot.shape[0] else 0
+    values = xp.take(xp.reshape(block, (-1,)), idx)
     rest = idx % (ny * nx)
-    y, x = rest // nx, rest % nx
+    bg = None
+    if background is not None:
+        bg = xp.take(xp.reshape(background, (-1,)), idx if background.ndim == image.ndim else rest)
+    return measure_pixels(rest % nx, rest // nx, idx // (ny * nx) + int(first_frame), values, spot, int(count),
+                          shape=(ny, nx), background=bg, gain=gain, xp=xp)
+
+
+def measure_pixels(
+    x: Any,
+    y: Any,
+    z: Any,
+    values: Any,
+    spot: Any,
+    count: int,
+    *,
+    shape: tuple[int, int],
+    background: Any | None = None,
+    gain: float = 1.0,
+    xp: Any | None = None,
+) -> dict[str, Any]:
+    """Measure spots given as pixel lists: the sparse form of :func:`measure_spots`.
+
+    Parameters
+    ----------
+    x, y, z : arrays of int, shape (npix,)
+        Pixel indices (fast, slow, frame) of every pixel of every spot; the
+        pixels of each spot must come in C order (z, y, x) - any order of the
+        spots themselves.
+    values : array, shape (npix,)
+        Raw pixel values (the centroid weights).
+    spot : array of int, shape (npix,)
+        0-based spot of each pixel, 0..count-1 (every one present).
+    count : int
+    shape : (int, int)
+        (ny, nx) of the frames (bounds of the min/max reductions).
+    background : array, shape (npix,), optional
+        Background of each pixel.
+    gain : float
+    xp : namespace, optional
+
+    Returns
+    -------
+    dict of str to array
+        One row per spot, in spot order; columns as in the module notes.
+    """
+    xp = xp or array_namespace(x, values, spot)
+    ny, nx = shape
+    order, segs = group_by_segment(xp.astype(spot, xp.int64), int(count), xp=xp)
+    x, y, z = (xp.astype(xp.take(c, order), xp.int64) for c in (x, y, z))
+    w = xp.astype(xp.take(values, order), xp.float64)
 
     x0, x_last = segment_min_max(x, segs, nx, xp=xp)
     y0, y_last = segment_min_max(y, segs, ny, xp=xp)
@@ -130,8 +176,8 @@ def measure_spots(
     z_last = xp.take(z, segs.ends - 1)
     local = [xp.astype(c - xp.take(c0, segs.ids), xp.float64) + 0.5 for c, c0 in ((x, x0), (y, y0), (z, z0))]
 
-    def ssum(values: Any) -> Any:
-        return segment_sum(values, segs, xp=xp)
+    def ssum(v: Any) -> Any:
+        return segment_sum(v, segs, xp=xp)
 
     sw = ssum(w)
     sww = ssum(w * w)
@@ -184,8 +230,7 @@ def measure_spots(
         "anisotropy": anisotropy,
     }
     if background is not None:
-        bg = xp.reshape(xp.astype(background, xp.float64), (-1,))
-        b_sum = ssum(xp.take(bg, idx if background.ndim == image.ndim else rest))
+        b_sum = ssum(xp.astype(xp.take(background, order), xp.float64))
         i_sub = sw - b_sum
         var = float(gain) * (xp.abs(i_sub) + xp.abs(b_sum))
         table["background.mean"] = b_sum / xp.astype(xp.clip(segs.sizes, min=1), xp.float64)
@@ -235,4 +280,4 @@ def select_spots(table: dict[str, Any], keep: Any) -> dict[str, Any]:
     return {name: column[keep] for name, column in table.items()}
 
 
-__all__ = ["measure_spots", "select_spots", "spot_filter"]
+__all__ = ["measure_pixels", "measure_spots", "select_spots", "spot_filter"]

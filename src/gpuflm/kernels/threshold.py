@@ -63,6 +63,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gpuflm.backends import array_namespace
+
 from .local_stats import check_half_window, local_mean, local_sums, prepare_image, window_sums
 
 #: Threshold methods by name.
@@ -442,6 +444,56 @@ def local_background(image: Any, mask: Any | None, strong: Any, *, kernel_size: 
 # -- selection by name -----------------------------------------------------------------------
 
 
+def _compiled_path_applies(xp: Any, method: str, gain: Any) -> bool:
+    """NumPy frames, a dispersion method and a scalar gain: use the compiled CPU twin when numba imports."""
+    import numpy as np
+
+    if xp is not np or method not in ("dispersion", "dispersion_extended"):
+        return False
+    if gain is not None and not isinstance(gain, (int, float)):
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _threshold_cpu(img: Any, mask: Any, cfg: ThresholdConfig, gain: Any, thr: Any,
+                   out: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+    """Frame by frame through :mod:`gpuflm.kernels.threshold_cpu` (identical results, one pass each)."""
+    import numpy as np
+
+    from . import threshold_cpu as cpu
+
+    frames = img if img.ndim == 3 else img[None]
+    if frames.dtype.kind not in "iuf":
+        frames = frames.astype(np.float64)
+    masks = np.broadcast_to(mask, frames.shape)
+    thresholds = np.broadcast_to(np.asarray(thr, dtype=np.float64).reshape(-1), (frames.shape[0],))
+    ky, kx = cfg.kernel_size
+    n_min = float(min_count(cfg.min_local, cfg.kernel_size))
+    g = -1.0 if gain is None else float(gain)
+    if out is not None:
+        strong, background = (o if o.ndim == 3 else o[None] for o in out)
+    else:
+        strong = np.empty(frames.shape, dtype=bool)
+        background = np.empty(frames.shape, dtype=np.float64)
+    for k in range(frames.shape[0]):
+        f = np.ascontiguousarray(frames[k])
+        m = np.ascontiguousarray(masks[k])
+        if cfg.method == "dispersion":
+            cpu.dispersion_frame(f, m, ky, kx, float(cfg.sigma_background), float(cfg.sigma_strong),
+                                 float(thresholds[k]), n_min, g, strong[k], background[k])
+        else:
+            cpu.dispersion_extended_frame(f, m, ky, kx, float(cfg.sigma_background), float(cfg.sigma_strong),
+                                          float(thresholds[k]), n_min, g, bool(cfg.keep_gap_signal), strong[k],
+                                          background[k])
+    if img.ndim == 2:
+        return strong[0], background[0]
+    return strong, background
+
+
 def find_strong_pixels(
     image: Any,
     mask: Any | None,
@@ -451,6 +503,7 @@ def find_strong_pixels(
     beam_centre: tuple[float, float] | None = None,
     axis_direction: tuple[float, float] | None = None,
     with_background: bool = False,
+    out: tuple[Any, Any] | None = None,
     xp: Any | None = None,
 ) -> ThresholdResult:
     """Strong pixels of one frame or a block of frames with the method ``config.method``.
@@ -467,6 +520,9 @@ def find_strong_pixels(
         direction on the detector (fast, slow).
     with_background : bool
         Also return the per-pixel background.
+    out : (array of bool, array of float64), optional
+        Buffers of the image's shape that receive the strong mask and the
+        background (reused across calls by a caller that streams frames).
     xp : namespace, optional
 
     Returns
@@ -478,9 +534,11 @@ def find_strong_pixels(
     ValueError
         ``radial`` without ``beam_centre`` and ``axis_direction``.
     """
-    xp, img, mask = prepare_image(image, mask, xp)
     cfg = config
     g = cfg.gain if gain is None else gain
+    compiled = _compiled_path_applies(xp or array_namespace(image, mask), cfg.method, g)
+    # the compiled twin reads any real dtype as float64 itself: no full-frame copy
+    xp, img, mask = prepare_image(image, mask, xp, as_float64=not compiled)
     thr: Any = cfg.global_threshold
     if thr == "auto":
         from .global_threshold import auto_global_threshold
@@ -489,7 +547,9 @@ def find_strong_pixels(
         if img.ndim == 2:
             thr = float(thr)
     background = None
-    if cfg.method == "dispersion":
+    if compiled:
+        strong, background = _threshold_cpu(img, mask, cfg, g, thr, out)
+    elif cfg.method == "dispersion":
         strong = dispersion(img, mask, kernel_size=cfg.kernel_size, sigma_background=cfg.sigma_background,
                             sigma_strong=cfg.sigma_strong, global_threshold=thr, min_local=cfg.min_local, gain=g, xp=xp)
         if with_background:
@@ -512,6 +572,12 @@ def find_strong_pixels(
             img, mask, beam_centre=beam_centre, axis_direction=axis_direction, stripe_width=cfg.stripe_width,
             stripe_offset=cfg.stripe_offset, bin_width=cfg.radial_bin_width, n_sigma=cfg.n_sigma,
             gain=1.0 if g is None else g, global_threshold=thr, xp=xp)
+    if out is not None and not compiled:
+        out[0][...] = strong
+        strong = out[0]
+        if background is not None:
+            out[1][...] = background
+            background = out[1]
     return ThresholdResult(strong=strong, background=background if with_background else None, global_threshold=thr)
 
 

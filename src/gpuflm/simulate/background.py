@@ -29,13 +29,12 @@ from ..geometry import px_to_resolution, px_to_s1, resolution_from_s1
 from ..kernels.hkl import d_spacing, generate_indices
 from ..models import Experiment, Panel
 from ..models.crystal import space_group as to_space_group
+from ..kernels.powder_rings import ICE_CELL, ICE_SPACE_GROUP
 from .config import SimulationConfig
 from ..geometry import polarization_factor
 
 SOLVENT_RING_D = 3.15
 SOLVENT_RING_WIDTH = 0.04
-ICE_CELL = (4.498, 4.498, 7.338, 90.0, 90.0, 120.0)
-ICE_SPACE_GROUP = "P 63/m m c"
 ICE_OXYGEN = (1.0 / 3.0, 2.0 / 3.0, 0.0625)
 ICE_B_FACTOR = 1.5
 ICE_RING_WIDTH = 0.0015

@@ -62,7 +62,7 @@ _JACOBIAN_STEP = 1e-5
 
 
 @dataclass(frozen=True)
-class ReflectionTable:
+class RecordedReflections:
     """Columnar table of recorded reflections plus their partialities per frame.
 
     ``columns`` (one row per recorded reflection, sorted by ``z``):
@@ -146,7 +146,7 @@ def _diffracting(experiments: SimulatedExperiments, config: SimulationConfig, d_
 
 def predict_reflections(
     experiments: SimulatedExperiments, config: SimulationConfig, intensities: TrueIntensities, d_min: float
-) -> ReflectionTable:
+) -> RecordedReflections:
     """Recorded reflections of the sweep with their intensities, spot shapes and partialities.
 
     Parameters
@@ -161,7 +161,7 @@ def predict_reflections(
 
     Returns
     -------
-    ReflectionTable
+    RecordedReflections
     """
     exp = experiments.true
     beam, gonio, scan, detector = exp.beam, exp.goniometer, exp.scan, exp.detector
@@ -211,7 +211,7 @@ def predict_reflections(
     return _with_partialities(columns, found["phi_rad"][order], sigma_r, scan)
 
 
-def _with_partialities(columns: dict[str, np.ndarray], phi_rad: np.ndarray, sigma_r: float, scan: Scan) -> ReflectionTable:
+def _with_partialities(columns: dict[str, np.ndarray], phi_rad: np.ndarray, sigma_r: float, scan: Scan) -> RecordedReflections:
     """Attach the fraction of each reflection recorded on every frame within ``N_SIGMA_ROCKING``."""
     first, last = scan.frame_range
     z, sigma_z = columns["z"], columns["sigma_z"]
@@ -226,4 +226,4 @@ def _with_partialities(columns: dict[str, np.ndarray], phi_rad: np.ndarray, sigm
     phi_b = np.asarray(scan.angle_at_frame(frame + 1.0), dtype=np.float64) * to_rad
     fraction = partiality(phi_rad[row], columns["zeta"][row], sigma_r, phi_a, phi_b)
     order = np.argsort(frame, kind="stable")
-    return ReflectionTable(columns, row[order], frame[order], fraction[order])
+    return RecordedReflections(columns, row[order], frame[order], fraction[order])

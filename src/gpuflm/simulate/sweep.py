@@ -25,7 +25,7 @@ from .background import background_map, detector_d_min
 from .config import SimulationConfig
 from .instrument import STREAM_NOISE, SimulatedExperiments, build_experiments, rng
 from .intensities import TrueIntensities, true_intensities
-from .reflections import ReflectionTable, predict_reflections
+from .reflections import RecordedReflections, predict_reflections
 from .render import add_spots
 
 
@@ -44,7 +44,7 @@ class SweepSimulation:
     d_min : float
         Resolution limit of the simulated reflections (A).
     intensities : TrueIntensities
-    reflections : ReflectionTable
+    reflections : RecordedReflections
     background : ndarray (nslow, nfast)
         Expected background photons per pixel per image.
     dead : ndarray (nslow, nfast) of bool
@@ -57,7 +57,7 @@ class SweepSimulation:
         true = self.experiments.true
         self.d_min = float(config.d_min) if config.d_min is not None else detector_d_min(true)
         self.intensities: TrueIntensities = true_intensities(config, self.d_min)
-        self.reflections: ReflectionTable = predict_reflections(self.experiments, config, self.intensities, self.d_min)
+        self.reflections: RecordedReflections = predict_reflections(self.experiments, config, self.intensities, self.d_min)
         self.background = background_map(true, config)
         live = np.zeros(true.detector.raw_image_shape, dtype=bool)
         for i, panel in enumerate(true.detector):
