@@ -374,8 +374,8 @@ def find_spots(
             res = find_strong_pixels(frames, mask, config=config.threshold, with_background=True, out=buffers[key],
                                      beam_centre=radial[i][0] if radial[i] else None,
                                      axis_direction=radial[i][1] if radial[i] else None)
-            valid_n = to_host(xp.sum(mask, axis=(1, 2), dtype=xp.int64))
-            strong_n = to_host(xp.sum(res.strong, axis=(1, 2), dtype=xp.int64))
+            valid_n = to_host(xp.count_nonzero(mask, axis=(1, 2)))
+            strong_n = to_host(xp.count_nonzero(res.strong, axis=(1, 2)))
             for k, n in enumerate(block_numbers):
                 per_image[n]["valid"] += int(valid_n[k])
                 per_image[n]["strong_pixels"] += int(strong_n[k])
@@ -403,11 +403,11 @@ def find_spots(
             if refuse.any():
                 strong = strong & xp.asarray(~refuse)[:, None, None]
             if window is not None:
-                before = int(xp.sum(hot[i], dtype=xp.int64))
+                before = int(xp.count_nonzero(hot[i]))
                 for k in range(strong.shape[0]):
-                    streak[i] = xp.where(strong[k], streak[i] + 1, 0)
+                    streak[i] = xp.where(strong[k, ...], streak[i] + 1, 0)
                     hot[i] = hot[i] | (streak[i] >= window)
-                hot_changed |= int(xp.sum(hot[i], dtype=xp.int64)) != before
+                hot_changed |= int(xp.count_nonzero(hot[i])) != before
             new_parts.append(_extract(strong, frames, res.background, i, z_of_frame, xp))
         pixels = _Pixels.join([open_pixels, *new_parts])
         if hot_changed:
