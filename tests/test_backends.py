@@ -103,3 +103,34 @@ def test_cupy_backend_on_a_gpu():
     assert backends.is_device_array(x)
     info = be.device()
     assert info.kind == "gpu" and info.memory_bytes and info.compute_capability
+
+
+def test_upload_ring_is_a_pass_through_on_the_cpu():
+    from gpuflm.backends import UploadRing
+
+    ring = UploadRing(get_backend("numpy"), 3)
+    host = np.arange(6).reshape(1, 2, 3)
+    ring.host_free(0)
+    assert ring.upload(0, host) is host
+    ring.acquire(0)
+    ring.release(0)
+    assert get_backend("numpy").empty_host((2, 2), np.int32).dtype == np.int32
+
+
+@pytest.mark.gpu
+def test_upload_ring_overlapped_copies_arrive_intact():
+    if not backends.cupy_available():
+        pytest.skip("no GPU")
+    from gpuflm.backends import UploadRing
+
+    be = get_backend("cupy")
+    ring = UploadRing(be, 3)
+    hosts = [be.empty_host((4, 64, 80), np.uint32) for _ in range(3)]
+    for k in range(12):
+        slot = k % 3
+        ring.host_free(slot)
+        hosts[slot][...] = k
+        dev = ring.upload(slot, hosts[slot])
+        ring.acquire(slot)
+        assert int(dev.sum()) == k * 4 * 64 * 80
+        ring.release(slot)

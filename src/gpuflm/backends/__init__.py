@@ -105,6 +105,15 @@ class Backend:
     def to_host(self, x: Any) -> np.ndarray:
         return to_host(x)
 
+    def empty_host(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A host array for data bound for this backend's device: page-locked (pinned) on a GPU,
+        so host-to-device copies run asynchronously at full bus speed; plain NumPy otherwise."""
+        if self.is_gpu:
+            import cupyx
+
+            return cupyx.empty_pinned(shape, dtype=dtype)
+        return np.empty(shape, dtype=dtype)
+
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on the CPU)."""
         if self.is_gpu:
@@ -115,6 +124,60 @@ class Backend:
 
     def __repr__(self) -> str:  # short, for logs
         return f"Backend({self.name!r})"
+
+
+class UploadRing:
+    """Double-buffered host -> device uploads that overlap the copies with the compute.
+
+    ``slots`` device buffers are allocated once (no memory-pool traffic per
+    block). :meth:`upload` copies a host block into the next slot on a copy
+    stream of its own, after the compute that last used the slot has finished
+    (an event the compute stream recorded in :meth:`release`); :meth:`acquire`
+    makes the compute stream wait for the copy. Host buffers must be pinned
+    (:meth:`Backend.empty_host`) for the copy to be asynchronous; the producer
+    must not refill a host buffer before :meth:`host_free` says so.
+
+    On the CPU it is a no-op wrapper (``upload`` returns the host block).
+    """
+
+    def __init__(self, backend: Backend, slots: int):
+        self.backend = backend
+        self.slots = int(slots)
+        self._dev: list[Any] = [None] * self.slots
+        self._uploaded: list[Any] = [None] * self.slots
+        self._released: list[Any] = [None] * self.slots
+        self._stream = backend.xp.cuda.Stream(non_blocking=True) if backend.is_gpu else None
+
+    def host_free(self, slot: int) -> None:
+        """Wait until the last upload from host slot ``slot`` has left the host buffer."""
+        ev = self._uploaded[slot]
+        if ev is not None:
+            ev.synchronize()
+
+    def upload(self, slot: int, host: np.ndarray) -> Any:
+        """Start copying ``host`` into device slot ``slot``; returns the device array (a view of the slot)."""
+        if not self.backend.is_gpu:
+            return host
+        cp = self.backend.xp
+        buf = self._dev[slot]
+        if buf is None or buf.shape[1:] != host.shape[1:] or buf.shape[0] < host.shape[0] or buf.dtype != host.dtype:
+            buf = self._dev[slot] = cp.empty(host.shape, dtype=host.dtype)
+        dev = buf[: host.shape[0]]
+        if self._released[slot] is not None:
+            self._stream.wait_event(self._released[slot])
+        dev.set(host, stream=self._stream)
+        self._uploaded[slot] = self._stream.record()
+        return dev
+
+    def acquire(self, slot: int) -> None:
+        """Make the compute (current) stream wait for slot ``slot``'s upload."""
+        if self.backend.is_gpu and self._uploaded[slot] is not None:
+            self.backend.xp.cuda.get_current_stream().wait_event(self._uploaded[slot])
+
+    def release(self, slot: int) -> None:
+        """The compute stream is done with slot ``slot`` once its queued work finishes."""
+        if self.backend.is_gpu:
+            self._released[slot] = self.backend.xp.cuda.get_current_stream().record()
 
 
 # -- probing ----------------------------------------------------------------
@@ -304,6 +367,7 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "DeviceInfo",
+    "UploadRing",
     "array_namespace",
     "erf",
     "available_backends",

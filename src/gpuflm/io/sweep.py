@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..backends import Backend, get_backend
+from ..backends import Backend, UploadRing, get_backend
 from ..errors import GpuflmError, ImageFormatError
 from ..models import Experiment, ImageSet, Scan
 from ..models.conventions import (
@@ -554,10 +554,13 @@ class SweepReader:
         A background thread decodes up to ``prefetch`` blocks ahead of the
         consumer (a bounded queue); blocks arrive in order; an exception in the
         thread is re-raised here; leaving the loop early stops the thread.
-        With ``reuse_buffers`` the host blocks come from a ring of
-        ``prefetch + 2`` buffers: a block yielded on the NumPy backend may be
-        overwritten as soon as the consumer asks for the next one (copy it to
-        keep it); this saves a block's worth of page faults per block.
+        With ``reuse_buffers`` the blocks come from a ring of ``prefetch + 2``
+        buffers: a yielded block may be overwritten as soon as the consumer
+        asks for the next one (copy it to keep it). This saves a block's worth
+        of page faults per block on the CPU; on a GPU the host buffers are
+        pinned and the reader thread uploads each block on a copy stream of
+        its own while the consumer computes on the previous one
+        (:class:`gpuflm.backends.UploadRing`).
 
         Parameters
         ----------
@@ -587,15 +590,24 @@ class SweepReader:
             return False
 
         ring: list[np.ndarray | None] = [None] * (prefetch + 2)
+        uploads = UploadRing(self.backend, len(ring)) if reuse_buffers and self.backend.is_gpu else None
 
         def produce() -> None:
             try:
                 for k, chunk in enumerate(chunks):
-                    buf = ring[k % len(ring)] if reuse_buffers else None
-                    got = self.read_block(chunk, _stop=stop, out=buf)
-                    if reuse_buffers and got[1].base is None and len(got[0]) == block_size:
-                        ring[k % len(ring)] = got[1]  # a fresh full block becomes this slot's buffer
-                    if stop.is_set() or not put(("block", got)):
+                    slot = k % len(ring)
+                    if uploads is not None:
+                        uploads.host_free(slot)
+                    got = self.read_block(chunk, _stop=stop, out=ring[slot] if reuse_buffers else None)
+                    nums, host = got
+                    if reuse_buffers and ring[slot] is None and len(nums) == block_size:
+                        # the slot's buffer: this full block's array, or a pinned copy of it for a GPU
+                        ring[slot] = self.backend.empty_host(host.shape, host.dtype) if uploads else host
+                        if uploads is not None:
+                            ring[slot][...] = host
+                            host = ring[slot]
+                    payload = (nums, host if uploads is None else uploads.upload(slot, host), slot)
+                    if stop.is_set() or not put(("block", payload)):
                         return
                 put(("done", None))
             except BaseException as exc:  # handed to the consumer, re-raised there
@@ -610,9 +622,15 @@ class SweepReader:
                     return
                 if kind == "error":
                     raise payload
-                nums, host = payload
-                if nums:
-                    yield nums, self._to_device(host, dtype)
+                nums, block, slot = payload
+                if not nums:
+                    continue
+                if uploads is None:
+                    yield nums, self._to_device(block, dtype)
+                    continue
+                uploads.acquire(slot)
+                yield nums, block if dtype is None else block.astype(dtype)
+                uploads.release(slot)
         finally:
             stop.set()
             while True:
