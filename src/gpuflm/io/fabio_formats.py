@@ -30,7 +30,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 

@@ -1,0 +1,30 @@
+"""The subcommands of ``gpuflm``: one module each, found by :mod:`gpuflm.cli`.
+
+A command module defines ``NAME`` (the subcommand), ``ORDER`` (its place in
+``gpuflm --help``), ``HELP`` and ``DESCRIPTION``, ``add_arguments(parser)``
+and ``run(args) -> int``. It parses and prints only; the work is a
+:mod:`gpuflm.driver` function. Keep imports of heavy modules inside the
+functions, so ``gpuflm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def print_json(doc: Any) -> None:
+    """Print one JSON document on stdout (NumPy scalars and arrays converted)."""
+    json.dump(doc, sys.stdout, indent=2, default=_json_default)
+    sys.stdout.write("\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
