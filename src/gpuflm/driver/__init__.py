@@ -15,6 +15,7 @@ from .session_steps import (
     show,
 )
 from .spotfinding import find_spots, format_find_spots
+from .viewing import view_image
 
 __all__ = [
     "describe_experiment",
@@ -25,4 +26,5 @@ __all__ = [
     "format_show",
     "import_images",
     "show",
+    "view_image",
 ]

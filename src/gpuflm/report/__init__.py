@@ -1,0 +1,1 @@
+"""What users see: rendered images and the HTML report."""
