@@ -166,3 +166,18 @@ def test_dials_reads_the_export(dials_python, tmp_path, capsys):
     assert doc["mask"] == [list(m) for m in p.mask]
     assert doc["sum"] == float(fabio.open(str(images / "l-cyst_01_00001.cbf")).data.astype(np.int64).sum())
     assert DIALS_TOOLS.exists()
+
+
+def test_dated_log_file_records_the_parameters(tmp_path, capsys):
+    images = shared_path("l_cysteine", "images")
+    assert run(capsys, "import", images / "l-cyst_01_00001.cbf", "-o", tmp_path / "s", "--distance", 161)[0] == 0
+    assert run(capsys, "import", images / "l-cyst_99_00001.cbf", "-o", tmp_path / "s2")[0] == 2
+    (log,) = list((tmp_path / "s").glob("gpuflm_*.log"))
+    import re
+
+    assert re.fullmatch(r"gpuflm_\d{8}_\d{6}\.log", log.name)
+    text = log.read_text()
+    assert "command line: gpuflm import" in text and "parameter distance = 161.0" in text
+    assert "finished with status 0" in text
+    (failed,) = list((tmp_path / "s2").glob("gpuflm_*.log"))
+    assert "no such file" in failed.read_text() and "finished with status 2" in failed.read_text()

@@ -21,6 +21,11 @@ from . import __version__, commands
 from .errors import GpuflmError
 
 log = logging.getLogger("gpuflm")
+#: Messages for the dated log file only (not the console).
+filelog = logging.getLogger("gpuflm.logfile")
+filelog.propagate = False
+filelog.setLevel(logging.DEBUG)
+filelog.addHandler(logging.NullHandler())  # no file for this command: say nothing (not Python's last resort)
 
 
 def command_modules() -> list[ModuleType]:
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in command_modules():
         p = sub.add_parser(mod.NAME, parents=[common], help=mod.HELP, description=mod.DESCRIPTION)
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run)
+        p.set_defaults(func=mod.run, log_folder=getattr(mod, "LOG_FOLDER", None))
     return parser
 
 
@@ -51,22 +56,80 @@ def _configure_logging(args: argparse.Namespace) -> None:
     verbose = getattr(args, "verbose", 0)
     level = logging.ERROR if getattr(args, "quiet", False) else (
         logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="gpuflm: %(message)s", stream=sys.stderr)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("gpuflm: %(message)s"))
+    console.setLevel(level)
+    root = logging.getLogger("gpuflm")
+    root.handlers = [h for h in root.handlers if not getattr(h, "_gpuflm_console", False)]
+    console._gpuflm_console = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+
+
+def _open_log(args: argparse.Namespace, argv: Sequence[str]) -> logging.Handler | None:
+    """A dated log file ``gpuflm_YYYYMMDD_HHMMSS.log`` in the command's folder (the session, or the output
+    folder), with the command line and every parameter; None for commands that change nothing."""
+    import datetime as dt
+    from pathlib import Path
+
+    attr = getattr(args, "log_folder", None)
+    folder = getattr(args, attr, None) if attr else None
+    if not folder:
+        return None
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # the command itself will report the unusable folder
+    stamp = dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    path = folder / f"gpuflm_{stamp}.log"
+    k = 2
+    while path.exists():
+        path = folder / f"gpuflm_{stamp}_{k}.log"
+        k += 1
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger("gpuflm").addHandler(handler)  # the steps' messages
+    filelog.addHandler(handler)  # what only the file needs: parameters, status
+    filelog.info("gpuflm %s, python %s", __version__, sys.version.split()[0])
+    filelog.info("command line: gpuflm %s", " ".join(str(a) for a in argv))
+    for key, value in sorted(vars(args).items()):
+        if key not in ("func", "log_folder"):
+            filelog.info("parameter %s = %r", key, value)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import time
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
+    handler = _open_log(args, argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    t0 = time.perf_counter()
+    status = 0
     try:
-        return func(args)
+        status = func(args)
+        return status
     except GpuflmError as exc:
+        filelog.error("%s", exc.one_line())
         print(f"gpuflm: error: {exc.one_line()}", file=sys.stderr)
-        return exc.exit_code
+        status = exc.exit_code
+        return status
     except KeyboardInterrupt:
         print("gpuflm: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+        return status
+    finally:
+        if handler is not None:
+            filelog.info("finished with status %d after %.2f s", status, time.perf_counter() - t0)
+            logging.getLogger("gpuflm").removeHandler(handler)
+            filelog.removeHandler(handler)
+            handler.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from ..errors import GpuflmError
 from . import print_json
 
 NAME = "find-spots"
+LOG_FOLDER = "session"
 ORDER = 40
 HELP = "find spots on the session's images"
 DESCRIPTION = ("Threshold every image, join strong pixels into spots (3D over a rotation sweep), measure and "
@@ -98,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
         images = parse_image_ranges(args.images) if args.images else None
     except ValueError as exc:
         raise GpuflmError(f"--images: {exc}") from exc
-    summary = find_spots(args.session, spotfind_config(args), images=images, backend=args.backend,
-                         sectors=args.sector)
+    from ..progress import ProgressBars
+
+    with ProgressBars("find spots", enabled=False if args.quiet else None) as bars:
+        summary = find_spots(args.session, spotfind_config(args), images=images, backend=args.backend,
+                             sectors=args.sector, progress=bars)
     if args.json:
         print_json(summary)
     else:

@@ -7,6 +7,7 @@ import argparse
 from . import print_json
 
 NAME = "import"
+LOG_FOLDER = "output"
 ORDER = 10
 HELP = "read image headers into a new session"
 DESCRIPTION = ("Read image headers into a session. Any image of a template adds the whole sweep; different "

@@ -7,6 +7,7 @@ import argparse
 from . import print_json
 
 NAME = "simulate"
+LOG_FOLDER = "output"
 ORDER = 5
 HELP = "simulate a rotation sweep with known truth"
 DESCRIPTION = ("Simulate a rotation sweep (miniCBF or Eiger-style NeXus) of a crystal with known orientation and "
