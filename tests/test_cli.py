@@ -86,7 +86,7 @@ def test_sectors_and_existing_sessions(tmp_path, capsys):
     code, _, err = run(capsys, "import", images / "l-cyst_02_00001.cbf", "-o", tmp_path)
     assert code == 2 and "a session exists here already" in err
     code, _, _ = run(capsys, "import", images / "l-cyst_02_00001.cbf", "-o", tmp_path, "--overwrite")
-    assert code == 0 and len(list(tmp_path.glob("session.*.json"))) == 1
+    assert code == 0 and len(list(tmp_path.glob("previous_*/session.json"))) == 1
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated", "directory", "not_an_image"])

@@ -41,9 +41,13 @@ def test_existing_session_is_never_lost(tmp_path):
     Session.create(tmp_path, [simple_experiment()])
     with pytest.raises(SessionError, match="a session exists here already"):
         Session.create(tmp_path, [simple_experiment()])
+    (tmp_path / "spots").mkdir()
+    (tmp_path / "spots" / "strong_002.h5").write_text("an earlier output")
     Session.create(tmp_path, [simple_experiment()], overwrite=True)
-    backups = list(tmp_path.glob("session.*.json"))
-    assert len(backups) == 1 and json.loads(backups[0].read_text())["format"] == SESSION_FORMAT
+    (backup,) = list(tmp_path.glob("previous_*"))
+    assert json.loads((backup / "session.json").read_text())["format"] == SESSION_FORMAT
+    assert (backup / "spots" / "strong_002.h5").read_text() == "an earlier output"
+    assert not (tmp_path / "spots").exists() and (tmp_path / "session.json").exists()
 
 
 def test_newer_or_damaged_sessions_are_refused_clearly(tmp_path):

@@ -168,7 +168,7 @@ def _match(found_xyz, true_xyz, sigma_z, tol_xy=2.0):
 
 def test_recall_and_precision_on_simulated_truth(simulated):
     out, exp, truth = simulated
-    # this two-module detector shows ~15 spots an image: MOSFLM's weak-image rule would cut them to 4.5 A
+    # recall over the whole resolution range: the weak-image rule (tested on its own below) is off
     r = find_spots(exp, SpotfindConfig(annulus=None, weak_image_spots=0), backend="numpy")
     true_xyz = np.stack([truth["x_px"], truth["y_px"], truth["z"]], axis=1)
     counts = truth["counts"]
@@ -257,7 +257,10 @@ def test_ice_ring_flags_and_rejection():
 def test_weak_images_are_limited_to_low_resolution(simulated):
     _, exp, _ = simulated
     normal = find_spots(exp, SpotfindConfig(annulus=None, weak_image_spots=0), backend="numpy")
-    weak = find_spots(exp, SpotfindConfig(annulus=None, weak_image_spots=10**6, weak_d_min=5.0), backend="numpy")
+    weak = find_spots(exp, SpotfindConfig(annulus=None, weak_image_spots=10**6, weak_image_fraction=1.01,
+                                         weak_d_min=5.0), backend="numpy")
+    # strong spots on every image: not weak under the default rule, whatever the spot count
+    assert not find_spots(exp, SpotfindConfig(annulus=None, weak_image_spots=10**6), backend="numpy").images["weak"].any()
     assert weak.images["weak"].all() and not normal.images["weak"].any()
     assert weak.spots["d"].min() >= 5.0 and normal.spots["d"].min() < 5.0
     # the minimum size drops from 3 to 2 pixels on weak images: low-resolution two-pixel spots appear

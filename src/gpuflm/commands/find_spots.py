@@ -91,19 +91,24 @@ def spotfind_config(args: argparse.Namespace) -> Any:
         raise GpuflmError(f"bad spot-finding setting: {exc}") from exc
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..driver import find_spots, format_find_spots
+def driver_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`gpuflm.driver.find_spots` (also used by ``gpuflm process``)."""
     from ..steps.spotfind import parse_image_ranges
 
     try:
         images = parse_image_ranges(args.images) if args.images else None
     except ValueError as exc:
         raise GpuflmError(f"--images: {exc}") from exc
+    return {"config": spotfind_config(args), "images": images, "backend": args.backend, "sectors": args.sector}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..driver import find_spots, format_find_spots
     from ..progress import ProgressBars
 
+    options = driver_options(args)
     with ProgressBars("find spots", enabled=False if args.quiet else None) as bars:
-        summary = find_spots(args.session, spotfind_config(args), images=images, backend=args.backend,
-                             sectors=args.sector, progress=bars)
+        summary = find_spots(args.session, **options, progress=bars)
     if args.json:
         print_json(summary)
     else:

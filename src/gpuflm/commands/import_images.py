@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from ..errors import GpuflmError
 from . import print_json
 
 NAME = "import"
@@ -30,20 +32,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing session (the old one is kept as a backup)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..driver import describe_experiment, import_images
+def overrides_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~gpuflm.io.sweep.ImportOverrides` the geometry options describe (also for ``gpuflm process``)."""
     from ..io.sweep import ImportOverrides
 
-    overrides = ImportOverrides(
-        beam_centre=tuple(args.beam_centre) if args.beam_centre else None,
-        mosflm_beam_centre=tuple(args.mosflm_beam) if args.mosflm_beam else None,
-        distance=args.distance,
-        wavelength=args.wavelength,
-        rotation_axis=tuple(args.rotation_axis) if args.rotation_axis else None,
-        reverse_spindle=args.reverse_spindle,
-    )
-    session = import_images(args.images, args.output, overrides=overrides, allow_missing=args.allow_missing,
-                            overwrite=args.overwrite)
+    try:
+        return ImportOverrides(
+            beam_centre=tuple(args.beam_centre) if args.beam_centre else None,
+            mosflm_beam_centre=tuple(args.mosflm_beam) if args.mosflm_beam else None,
+            distance=args.distance,
+            wavelength=args.wavelength,
+            rotation_axis=tuple(args.rotation_axis) if args.rotation_axis else None,
+            reverse_spindle=args.reverse_spindle,
+        )
+    except ValueError as exc:
+        raise GpuflmError(f"bad geometry override: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..driver import describe_experiment, import_images
+
+    session = import_images(args.images, args.output, overrides=overrides_from_args(args),
+                            allow_missing=args.allow_missing, overwrite=args.overwrite)
     if args.json:
         print_json({"session": str(session.path), "experiments": [describe_experiment(e) for e in session.experiments]})
     else:

@@ -128,8 +128,9 @@ def show(session_dir: str | os.PathLike) -> dict:
     return {
         "session": str(s.path),
         "experiments": [describe_experiment(e) for e in s.experiments],
-        "history": [{"id": h["id"], "step": h["step"], "status": h["status"], "finished": h["finished"]}
-                    for h in s.history],
+        "history": [{"id": h["id"], "parent": h.get("parent"), "step": h["step"], "status": h["status"],
+                     "finished": h["finished"]} for h in s.history],
+        "head": s.head,
         "warnings": s.warnings,
     }
 
@@ -177,12 +178,15 @@ def format_show(summary: dict) -> str:
             c = e["crystal"]
             lines.append("  crystal     " + " ".join(f"{v:.3f}" for v in c["cell"]) + f"  {c['space_group']}")
     if summary["history"]:
+        from .process import format_history_tree
+
         lines.append("\nHistory")
-        for h in summary["history"]:
-            lines.append(f"  {h['id']:>3} {h['step']:<12} {h['status']:<6} {h['finished']}")
+        lines += ["  " + line for line in format_history_tree(summary["history"], summary.get("head")).splitlines()]
     if summary["warnings"]:
-        lines.append("\nWarnings")
-        for w in summary["warnings"]:
+        shown = [w for w in summary["warnings"] if w["severity"] != "info"]
+        notes = len(summary["warnings"]) - len(shown)
+        lines.append("\nWarnings" + (f" ({notes} informational note(s) in session.json and the report)" if notes else ""))
+        for w in shown:
             lines.append(f"  [{w['severity']}] {w['step']}: {w['message']}")
     return "\n".join(lines)
 

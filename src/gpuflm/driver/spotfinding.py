@@ -43,7 +43,6 @@ def find_spots(
     import time
 
     from ..backends import get_backend
-    from ..io.tables import write_tables
     from ..steps.spotfind import SpotfindConfig
     from ..steps.spotfind import find_spots as run_step
     from ..table import ReflectionTable
@@ -74,12 +73,24 @@ def find_spots(
         raise GpuflmError(f"none of the images {images} are in the session's sectors")
     spots = ReflectionTable.concatenate([t for t in spot_tables if len(t)])
     summary_table = ReflectionTable.concatenate(image_tables)
-    entry_id = len(session.history) + 1
-    out = session.path / "spots" / f"strong_{entry_id:03d}.h5"
     params = {"config": config.to_dict(), "images": list(images) if images is not None else None,
               "sectors": chosen, "backend": be.name}
+    return record_spotfinding(session, spots, summary_table, warnings, params=params, config=config,
+                              backend=be.name, seconds=time.perf_counter() - t0)
+
+
+def record_spotfinding(session: Session, spots: Any, summary_table: Any, warnings: list[dict], *, params: dict,
+                       config: Any, backend: str, seconds: float, extra: dict | None = None) -> dict:
+    """Write a spot-finding result into ``session``: the spot table (``spots/strong_NNN.h5``, named by the
+    history entry, never replacing an earlier one), the warnings, the history entry; save; return the summary.
+
+    ``warnings`` are the step's ``{"severity", "message", "image", "sector"}`` dicts.
+    """
+    from ..io.tables import write_tables
+
+    entry_id = len(session.history) + 1
+    out = session.path / "spots" / f"strong_{entry_id:03d}.h5"
     write_tables(out, {"reflections": spots, "images": summary_table}, meta={"step": "find-spots", **params})
-    seconds = time.perf_counter() - t0
     per_image = [
         {"sector": int(r_exp) + 1, "image": int(n), "strong_pixels": int(sp), "spots": int(ns),
          "spots_for_indexing": int(si), "indexing_threshold": float(th),
@@ -89,19 +100,19 @@ def find_spots(
             summary_table["spots"], summary_table["spots_for_indexing"], summary_table["indexing_threshold"],
             summary_table["d_min_distl"], summary_table["status"])
     ]
-    last_threshold = per_image[-1]["indexing_threshold"] if per_image else None
     result_summary = {
         "spot_table": str(out),
-        "backend": be.name,
+        "backend": backend,
         "total_spots": len(spots),
-        "indexing_threshold": last_threshold,
+        "indexing_threshold": per_image[-1]["indexing_threshold"] if per_image else None,
         "seconds": round(seconds, 3),
         "images": per_image,
         "changed_parameters": config.changes(),
+        **(extra or {}),
     }
     for w in warnings:
         session.warn(w["message"], step="find-spots", severity=w["severity"], image=w.get("image"),
-                     sector=w["sector"])
+                     sector=w.get("sector", 1))
     session.outputs["find-spots"] = session.relpath(out)
     session.record("find-spots", params, summary={k: v for k, v in result_summary.items() if k != "images"})
     session.save()

@@ -22,8 +22,8 @@ def _free_name(folder: Path, stem: str) -> Path:
     return path
 
 
-def _spots_on_image(session: Session, sector: int, image: int, experiment: Any) -> np.ndarray | None:
-    """Raw-pixel (x, y) of the spots of the session's spot table seen on ``image``."""
+def spots_on_image(session: Session, sector: int, image: int, experiment: Any) -> np.ndarray | None:
+    """Raw-pixel (x, y) of the spots of the session's spot table seen on ``image`` (None before spot finding)."""
     rel = session.outputs.get("find-spots")
     if not rel:
         return None
@@ -77,7 +77,7 @@ def view_image(
         raise GpuflmError(f"unknown overlay(s) {', '.join(sorted(unknown))}; choose from {', '.join(OVERLAYS)}")
     ov = Overlays(show=wanted)
     if "spots" in wanted:
-        ov.spots = _spots_on_image(session, sector, image, e)
+        ov.spots = spots_on_image(session, sector, image, e)
     if "mask" in wanted:
         det = e.detector
         masked = np.zeros(raw.shape, dtype=bool)
@@ -87,10 +87,10 @@ def view_image(
             masked[y0:y0 + p.shape[0], x0:x0 + p.shape[1]] = ~(keep & trusted_mask(view, p))
         ov.mask = masked
     if "annulus" in wanted:
-        from ..steps.spotfind import SpotfindConfig, _annulus_radius
+        from ..steps.spotfind import SpotfindConfig, annulus_radius
 
         fractions = session.parameters.get("find-spots", {}).get("config", {}).get("annulus") or SpotfindConfig().annulus
-        ann = _annulus_radius(e)
+        ann = annulus_radius(e)
         if ann is not None and fractions:
             px = e.detector[0].pixel_size[0]
             ov.annulus = (fractions[0] * ann[0] / px, fractions[1] * ann[0] / px)

@@ -12,8 +12,9 @@ A session is a folder. ``session.json`` holds, in one JSON document:
 * ``warnings`` - with severities (``info``, ``warning``, ``serious``);
 * ``outputs`` - paths (relative to the folder) of the files steps wrote.
 
-Every save is atomic; an earlier ``session.json`` replaced by an import is
-kept as a dated backup, never lost.
+Every save is atomic; a session replaced by a new import (``--overwrite``)
+is moved, with all its outputs, into ``previous_<date>/`` in the folder:
+never lost.
 """
 
 from __future__ import annotations
@@ -37,6 +38,23 @@ SEVERITIES = ("info", "warning", "serious")
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _move_aside(folder: Path) -> Path:
+    """Move an old session's files (session.json and every output, not the logs) into
+    ``previous_<date>/`` inside the folder, so a new session starts clean and nothing is lost."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    backup = folder / f"previous_{stamp}"
+    k = 2
+    while backup.exists():
+        backup = folder / f"previous_{stamp}_{k}"
+        k += 1
+    backup.mkdir()
+    for entry in folder.iterdir():
+        if entry == backup or entry.name.startswith("previous_") or entry.name.startswith("gpuflm_"):
+            continue
+        os.replace(entry, backup / entry.name)
+    return backup
 
 
 @dataclass
@@ -63,7 +81,7 @@ class Session:
         """A new session in ``path`` (created if needed).
 
         An existing session there is refused unless ``overwrite``; then it is
-        kept as ``session.<date>.json`` beside the new one.
+        moved with its outputs into ``previous_<date>/`` inside the folder.
         """
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
@@ -72,8 +90,7 @@ class Session:
         if old.exists():
             if not overwrite:
                 raise SessionError("a session exists here already; use another folder or --overwrite", path=folder)
-            stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-            os.replace(old, folder / f"session.{stamp}.json")
+            _move_aside(folder)
         folder.mkdir(parents=True, exist_ok=True)
         session = cls(path=folder, experiments=list(experiments))
         session.save()

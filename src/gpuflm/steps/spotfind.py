@@ -89,10 +89,13 @@ class SpotfindConfig:
     max_strong_fraction : float
         An image with more strong pixels than this fraction of its valid
         pixels is refused (wrong gain, mask or threshold), with a clear message.
-    weak_image_spots : int
-        An image with fewer spots at I/sigma >= 10 than this is weak: as
-        MOSFLM, its spots are limited to ``weak_d_min`` and the minimum spot
-        size is lowered by one (not below 2).
+    weak_image_spots, weak_image_fraction : int, float
+        An image with fewer spots at I/sigma >= 10 than ``weak_image_spots``,
+        and those fewer than ``weak_image_fraction`` of its spots, is weak: as
+        MOSFLM, its spots are limited to
+        ``weak_d_min`` and the minimum spot size is lowered by one (not below
+        2). (The second condition keeps small-molecule images, with few but
+        strong spots, out of it.)
     weak_d_min : float
     indexing_i_over_sigma : float or "auto"
         I/sigma of the spots marked for indexing; "auto": MOSFLM's rule per
@@ -121,6 +124,7 @@ class SpotfindConfig:
     hot_pixel_degrees: float = 10.0
     max_strong_fraction: float = 0.25
     weak_image_spots: int = 20
+    weak_image_fraction: float = 0.5
     weak_d_min: float = 4.5
     indexing_i_over_sigma: float | str = "auto"
     connectivity: str = "auto"
@@ -431,7 +435,7 @@ def find_spots(
         reasons = sorted({w["message"] for w in warnings if w["severity"] == "serious"})[:3]
         raise GpuflmError("no image could be used for spot finding" + (f": {'; '.join(reasons)}" if reasons else ""))
     spots = ReflectionTable.concatenate(closed) if closed else ReflectionTable()
-    spots, images_table = _filter_and_summarise(experiment, config, spots, numbers, per_image, experiment_id, warn)
+    spots, images_table = filter_and_summarise(experiment, config, spots, numbers, per_image, experiment_id, warn)
     return SpotfindResult(spots=spots, images=images_table, warnings=warnings, backend=be.name,
                           seconds=time.perf_counter() - t0)
 
@@ -512,7 +516,7 @@ def _label_and_close(pixels: _Pixels, connectivity: str, last_z: int | None, det
     return t, carry
 
 
-def _annulus_radius(experiment: Experiment) -> tuple[float, tuple[float, float]] | None:
+def annulus_radius(experiment: Experiment) -> tuple[float, tuple[float, float]] | None:
     """Radius (mm) of the largest circle around the direct beam inside the (single) panel, and the beam (mm)."""
     from ..models.conventions import beam_position_mm
 
@@ -527,9 +531,15 @@ def _annulus_radius(experiment: Experiment) -> tuple[float, tuple[float, float]]
     return (r, c) if r > 0 else None
 
 
-def _filter_and_summarise(experiment: Experiment, config: SpotfindConfig, spots: ReflectionTable,
-                          numbers: list[int], per_image: dict, experiment_id: int, warn: Callable
-                          ) -> tuple[ReflectionTable, ReflectionTable]:
+def filter_and_summarise(experiment: Experiment, config: SpotfindConfig, spots: ReflectionTable,
+                         numbers: list[int], per_image: dict, experiment_id: int, warn: Callable
+                         ) -> tuple[ReflectionTable, ReflectionTable]:
+    """Filter measured spots and summarise them per image (the end of :func:`find_spots`; live processing
+    calls it once its blocks are all in).
+
+    ``per_image`` maps image number to ``{"strong_pixels", "status", "valid"}``; ``warn(message, image,
+    severity)`` receives the filters' messages.
+    """
     from .. import geometry
 
     det = experiment.detector
@@ -540,7 +550,7 @@ def _filter_and_summarise(experiment: Experiment, config: SpotfindConfig, spots:
         xyz = spots["xyzobs.px.value"]
         d = np.full(n, np.inf)
         radius = np.full(n, np.nan)
-        ann = _annulus_radius(experiment)
+        ann = annulus_radius(experiment)
         for i, p in enumerate(det):
             sel = spots["panel"] == i
             if sel.any():
@@ -569,10 +579,13 @@ def _filter_and_summarise(experiment: Experiment, config: SpotfindConfig, spots:
         if config.ice_rings:
             keep &= ~ring
         # weak images (MOSFLM): few spots at I/sigma >= 10 -> spots to weak_d_min, minimum size lowered by one
-        strong10 = np.bincount(spots["image"], weights=(keep & (spots["n_signal"] >= min_size) & (isig >= 10)),
-                               minlength=max(numbers) + 2)
+        sized = keep & (spots["n_signal"] >= min_size)
+        strong10 = np.bincount(spots["image"], weights=sized & (isig >= 10), minlength=max(numbers) + 2)
+        found = np.bincount(spots["image"], weights=sized, minlength=max(numbers) + 2)
+        # weak: few strong spots AND most spots weak (a small-molecule image with ten strong spots is not weak)
         weak_images = {m for m in numbers if per_image[m]["status"] == STATUS_OK
-                       and strong10[m] < config.weak_image_spots}
+                       and strong10[m] < config.weak_image_spots
+                       and strong10[m] < config.weak_image_fraction * found[m]}
         weak = np.isin(spots["image"], list(weak_images))
         size_limit = np.where(weak, max(2, min_size - 1), min_size)
         keep &= spots["n_signal"] >= size_limit
@@ -581,8 +594,8 @@ def _filter_and_summarise(experiment: Experiment, config: SpotfindConfig, spots:
         keep &= ~np.isin(spots["image"], refused)
         spots = spots.select(keep)
         for m in sorted(weak_images):
-            warn(f"image {m} is weak (fewer than {config.weak_image_spots} spots at I/sigma >= 10): spots limited "
-                 f"to {config.weak_d_min} A, minimum size {max(2, min_size - 1)}", m, "info")
+            warn(f"image {m} is weak (fewer than {config.weak_image_spots} spots at I/sigma >= 10, most spots weak): "
+                 f"spots limited to {config.weak_d_min} A, minimum size {max(2, min_size - 1)}", m, "info")
     else:
         weak_images = set()
     images = np.array(numbers, np.int64)
