@@ -21,8 +21,7 @@ install-test: $(BIN)/python
 
 demo: install
 	$(BIN)/gpuflm simulate -o $(DEMO)/images --overwrite
-	$(BIN)/gpuflm import $(DEMO)/images/sim_00001.cbf -o $(DEMO)/session --overwrite
-	$(BIN)/gpuflm show $(DEMO)/session
+	$(BIN)/gpuflm process $(DEMO)/images/sim_00001.cbf -o $(DEMO)/session --overwrite
 
 test: install-test
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

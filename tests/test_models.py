@@ -197,6 +197,18 @@ def test_crystal_space_group_by_symbol_number_or_hall():
 # -- JSON ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("symbol", ["P 4 2 2", "P 6 2 2", "P 3 1 2", "P 1 1 2", "C 1 1 2", "P 43 21 2", "R 3 :H",
+                                    "I 41/a m d", "F d -3 m"])
+def test_space_group_survives_the_json_round_trip(symbol):
+    """Stored as a Hall symbol and read back as one: ' P 4 2' is P 4 2 2, not P 42 read as a name."""
+    c = Crystal.from_cell((50, 50, 60, 90, 90, 90) if "3" not in symbol and "6" not in symbol
+                          else (50, 50, 60, 90, 90, 120), space_group=symbol)
+    if c.space_group.crystal_system_str() == "cubic":
+        c = Crystal.from_cell((50, 50, 50, 90, 90, 90), space_group=symbol)
+    back = Crystal.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back.space_group.hall == c.space_group.hall and back.space_group.xhm() == c.space_group.xhm()
+
+
 def test_experiment_json_round_trip():
     e = simple_experiment(goniometer=Goniometer.multi_axis([(1, 0, 0), (0, 0, -1), (1, 0, 0)], [10, 20, 0],
                                                            ["PHI", "CHI", "OMEGA"], 2))

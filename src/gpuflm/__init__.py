@@ -11,4 +11,13 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["Session", "__version__"]
+
+
+def __getattr__(name: str):
+    """``gpuflm.Session`` (the Python API) without importing the processing code at ``import gpuflm``."""
+    if name == "Session":
+        from .api import Session
+
+        return Session
+    raise AttributeError(f"module 'gpuflm' has no attribute {name!r}")

@@ -19,6 +19,7 @@ solved here by fixed-point iteration to 1e-9 mm where dxtbx takes one step
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -49,12 +50,12 @@ def _c(xp: Any, value: Any, like: Any = None) -> Any:
     return xp.asarray(arr)
 
 
-def _dot3(v: Any, w: Any) -> Any:
-    """Row-wise dot product of (..., 3) arrays."""
+def dot3(v: Any, w: Any) -> Any:
+    """Row-wise dot product of (..., 3) arrays (any namespace)."""
     return v[..., 0] * w[..., 0] + v[..., 1] * w[..., 1] + v[..., 2] * w[..., 2]
 
 
-def _cross3(xp: Any, v: Any, w: Any) -> Any:
+def cross3(xp: Any, v: Any, w: Any) -> Any:
     return xp.stack(
         [
             v[..., 1] * w[..., 2] - v[..., 2] * w[..., 1],
@@ -65,8 +66,14 @@ def _cross3(xp: Any, v: Any, w: Any) -> Any:
     )
 
 
-def _norm3(xp: Any, v: Any) -> Any:
-    return xp.sqrt(_dot3(v, v))
+def norm3(xp: Any, v: Any) -> Any:
+    return xp.sqrt(dot3(v, v))
+
+
+def unit3(xp: Any, v: Any) -> Any:
+    """(..., 3) vectors scaled to unit length (zero vectors stay zero)."""
+    n = norm3(xp, v)
+    return v / xp.where(n > 0, n, 1.0)[..., None]
 
 
 def _apply(xp: Any, m: np.ndarray, v: Any) -> Any:
@@ -90,8 +97,8 @@ def rotate_about_axis(v: Any, axis: Any, angle: Any) -> Any:
         c, s = float(np.cos(angle)), float(np.sin(angle))
     else:
         c, s = xp.cos(angle)[..., None], xp.sin(angle)[..., None]
-    kv = _dot3(v, kx)[..., None]
-    return v * c + _cross3(xp, xp.broadcast_to(kx, v.shape), v) * s + kx * kv * (1.0 - c)
+    kv = dot3(v, kx)[..., None]
+    return v * c + cross3(xp, xp.broadcast_to(kx, v.shape), v) * s + kx * kv * (1.0 - c)
 
 
 # -- panel: mm <-> lab <-> px ----------------------------------------------------
@@ -189,7 +196,7 @@ def px_to_s1(beam: Beam, panel: Panel, x_px: Any, y_px: Any) -> Any:
     """Diffracted-beam vector s1 (..., 3), length 1/wavelength, of pixel coordinates."""
     xp = _xp(x_px, y_px)
     lab = px_to_lab(panel, x_px, y_px)
-    return lab / (_norm3(xp, lab)[..., None] * beam.wavelength)
+    return lab / (norm3(xp, lab)[..., None] * beam.wavelength)
 
 
 def s1_to_px(panel: Panel, s1: Any) -> tuple[Any, Any, Any]:
@@ -226,7 +233,7 @@ def resolution_from_s1(beam: Beam, s1: Any) -> Any:
     """d-spacing (A) of scattering along s1: ``d = 1 / |s1 - s0|`` (inf at the direct beam)."""
     xp = _xp(s1)
     q = s1 - _c(xp, beam.s0, s1)
-    qlen = _norm3(xp, q)
+    qlen = norm3(xp, q)
     hit = qlen > 0
     return xp.where(hit, 1.0 / xp.where(hit, qlen, 1.0), xp.inf)
 
@@ -235,7 +242,7 @@ def two_theta_from_s1(beam: Beam, s1: Any) -> Any:
     """Scattering angle 2theta (radians) of s1."""
     xp = _xp(s1)
     s0 = _c(xp, beam.s0, s1)
-    cosang = _dot3(s1, s0) / (_norm3(xp, s1) * float(np.linalg.norm(beam.s0)))
+    cosang = dot3(s1, s0) / (norm3(xp, s1) * float(np.linalg.norm(beam.s0)))
     return xp.acos(xp.clip(cosang, -1.0, 1.0))
 
 
@@ -305,7 +312,7 @@ def observed_rlp(
     s1 = px_to_s1(beam, panel, x_px, y_px)
     if goniometer is None or scan is None or scan.is_still:
         return rlp_from_s1(beam, None, s1, None)
-    phi = np.deg2rad(1.0) * scan.angle_at_frame(z)
+    phi = math.radians(1.0) * scan.angle_at_frame(z)
     return rlp_from_s1(beam, goniometer, s1, phi)
 
 
@@ -328,10 +335,10 @@ def rotation_angles(beam: Beam, goniometer: Goniometer, p0: Any) -> tuple[Any, A
     m3 = np.cross(m1, m2)
     s0_m2, s0_m3 = float(s0 @ m2), float(s0 @ m3)
     q = _apply(xp, goniometer.fixed_rotation, p0)
-    q_sq = _dot3(q, q)
-    q_m1 = _dot3(q, _c(xp, m1, q))
-    q_m2 = _dot3(q, _c(xp, m2, q))
-    q_m3 = _dot3(q, _c(xp, m3, q))
+    q_sq = dot3(q, q)
+    q_m1 = dot3(q, _c(xp, m1, q))
+    q_m2 = dot3(q, _c(xp, m2, q))
+    q_m3 = dot3(q, _c(xp, m3, q))
     pm3 = (-0.5 * q_sq - q_m2 * s0_m2) / s0_m3
     rho_sq = q_sq - q_m2 * q_m2
     disc = rho_sq - pm3 * pm3
@@ -360,17 +367,28 @@ def entering_flag(beam: Beam, goniometer: Goniometer, s1: Any) -> Any:
     xp = _xp(s1)
     plane = np.cross(beam.s0, goniometer.effective_rotation_axis)
     plane /= np.linalg.norm(plane)
-    return _dot3(s1, _c(xp, plane, s1)) < 0
+    return dot3(s1, _c(xp, plane, s1)) < 0
+
+
+def kabsch_basis(beam: Beam, s1: Any) -> tuple[Any, Any, Any]:
+    """The Kabsch frame of rays ``s1`` (..., 3): ``e1 = s1 x s0 / |.|``, ``e2 = s1 x e1 / |.|``,
+    ``e3 = (s1 + s0) / |.|`` (algorithms.md section 2; DIALS' ``CoordinateSystem``)."""
+    xp = _xp(s1)
+    s0 = xp.broadcast_to(_c(xp, beam.s0, s1), s1.shape)
+
+    e1 = unit3(xp, cross3(xp, s1, s0))
+    e2 = unit3(xp, cross3(xp, s1, e1))
+    return e1, e2, unit3(xp, s1 + s0)
 
 
 def zeta_factor(beam: Beam, goniometer: Goniometer, s1: Any) -> Any:
     """``zeta = m2 . e1`` with ``e1 = s1 x s0 / |s1 x s0|`` (the Lorentz term; |zeta| < 0.05 is unreliable)."""
     xp = _xp(s1)
     s0 = _c(xp, beam.s0, s1)
-    e1 = _cross3(xp, s1, xp.broadcast_to(s0, s1.shape))
-    n = _norm3(xp, e1)
+    e1 = cross3(xp, s1, xp.broadcast_to(s0, s1.shape))
+    n = norm3(xp, e1)
     e1 = e1 / xp.where(n > 0, n, 1.0)[..., None]
-    return _dot3(e1, _c(xp, goniometer.effective_rotation_axis, s1))
+    return dot3(e1, _c(xp, goniometer.effective_rotation_axis, s1))
 
 
 def wrap_angle_into(phi: Any, start: Any) -> Any:
@@ -396,9 +414,9 @@ def polarization_factor(beam: Beam, s1: Any) -> Any:
     n = n - (n @ b) * b
     n /= np.linalg.norm(n)
     e = np.cross(n, b)
-    u_len = _norm3(xp, s1)
-    ue = _dot3(s1, _c(xp, e, s1)) / u_len
-    un = _dot3(s1, _c(xp, n, s1)) / u_len
+    u_len = norm3(xp, s1)
+    ue = dot3(s1, _c(xp, e, s1)) / u_len
+    un = dot3(s1, _c(xp, n, s1)) / u_len
     p = beam.polarization_fraction
     return p * (1.0 - ue * ue) + (1.0 - p) * (1.0 - un * un)
 

@@ -14,7 +14,12 @@ from .session_steps import (
     import_images,
     show,
 )
-from .spotfinding import find_spots, format_find_spots
+from .pipeline import format_history_tree, format_process_summary, process, process_summary, run_step
+from .report import write_report
+from .indexing import format_index, index
+from .spotfinding import find_spots, format_find_spots, record_spotfinding
+from .strategy import format_strategy_summary, strategy
+from .symmetry_scale import format_scale_summary, format_symmetry_summary, load_integrated, scale, symmetry
 from .viewing import view_image
 
 __all__ = [
@@ -23,8 +28,24 @@ __all__ = [
     "export_dials",
     "find_spots",
     "format_find_spots",
+    "format_history_tree",
+    "format_index",
+    "format_scale_summary",
+    "format_strategy_summary",
+    "format_symmetry_summary",
+    "format_process_summary",
     "format_show",
     "import_images",
+    "index",
+    "load_integrated",
+    "process",
+    "process_summary",
+    "record_spotfinding",
+    "run_step",
+    "scale",
     "show",
+    "strategy",
+    "symmetry",
     "view_image",
+    "write_report",
 ]

@@ -178,7 +178,7 @@ def format_show(summary: dict) -> str:
             c = e["crystal"]
             lines.append("  crystal     " + " ".join(f"{v:.3f}" for v in c["cell"]) + f"  {c['space_group']}")
     if summary["history"]:
-        from .process import format_history_tree
+        from .pipeline import format_history_tree
 
         lines.append("\nHistory")
         lines += ["  " + line for line in format_history_tree(summary["history"], summary.get("head")).splitlines()]

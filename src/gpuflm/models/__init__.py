@@ -8,13 +8,14 @@ in the models (radians inside the vectorised geometry).
 
 from .attenuation import attenuation_per_mm
 from .beam import Beam
-from .crystal import Crystal, b_matrix, space_group
+from .crystal import FWHM_PER_SIGMA, Crystal, b_matrix, space_group, space_group_from_hall
 from .detector import Detector, Panel
 from .experiment import Experiment, ImageSet
 from .goniometer import Goniometer
 from .scan import Scan
 
 __all__ = [
+    "FWHM_PER_SIGMA",
     "Beam",
     "Crystal",
     "Detector",
@@ -26,4 +27,5 @@ __all__ = [
     "attenuation_per_mm",
     "b_matrix",
     "space_group",
+    "space_group_from_hall",
 ]

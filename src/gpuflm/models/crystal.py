@@ -9,6 +9,7 @@ convention: a along x, b in the xy plane), ``U`` the orientation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -16,6 +17,10 @@ import gemmi
 import numpy as np
 
 from ._vec import frozen, tolist
+
+#: Full width at half maximum of a Gaussian in units of its standard deviation (2.3548): MOSFLM's mosaicity
+#: (a full width) = FWHM_PER_SIGMA x DIALS' sigma_m.
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def b_matrix(cell: Sequence[float] | gemmi.UnitCell) -> np.ndarray:
@@ -42,6 +47,17 @@ def space_group(sg: str | int | gemmi.SpaceGroup | None) -> gemmi.SpaceGroup:
                 found = None
     if found is None:
         raise ValueError(f"unknown space group {sg!r}")
+    return found
+
+
+def space_group_from_hall(hall: str) -> gemmi.SpaceGroup:
+    """A gemmi space group from a Hall symbol, read as Hall (``" P 4 2"`` is P 4 2 2, not P 42)."""
+    try:
+        found = gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(str(hall).strip()))
+    except (RuntimeError, ValueError):
+        found = None
+    if found is None:
+        raise ValueError(f"unknown Hall symbol {hall!r}")
     return found
 
 
@@ -145,7 +161,8 @@ class Crystal:
 
     @classmethod
     def from_dict(cls, d: dict) -> Crystal:
-        sg = d.get("space_group_hall_symbol") or d.get("space_group") or "P 1"
+        hall = d.get("space_group_hall_symbol")
+        sg = space_group_from_hall(hall) if hall else (d.get("space_group") or "P 1")
         kw = {"space_group": sg}
         if "mosaicity" in d:
             kw["mosaicity"] = d["mosaicity"]

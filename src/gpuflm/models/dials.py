@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .beam import Beam
-from .crystal import Crystal
+from .crystal import FWHM_PER_SIGMA, Crystal, space_group_from_hall
 from .detector import Detector, Panel
 from .experiment import Experiment, ImageSet
 from .goniometer import Goniometer
@@ -106,10 +106,11 @@ def _scan_from_dials(d: dict) -> Scan:
 
 
 def _crystal_from_dials(d: dict, profile: dict | None) -> Crystal:
-    kw: dict[str, Any] = {"space_group": d.get("space_group_hall_symbol", " P 1").strip() or "P 1"}
+    hall = d.get("space_group_hall_symbol", " P 1").strip() or "P 1"
+    kw: dict[str, Any] = {"space_group": space_group_from_hall(hall)}
     if profile and profile.get("sigma_m"):
         # DIALS' sigma_m (degrees) is the rms width; MOSFLM's mosaicity is a full width.
-        kw["mosaicity"] = float(profile["sigma_m"]) * 2.0 * np.sqrt(2.0 * np.log(2.0))
+        kw["mosaicity"] = float(profile["sigma_m"]) * FWHM_PER_SIGMA
     elif d.get("ML_half_mosaicity_value_deg"):
         kw["mosaicity"] = 2.0 * float(d["ML_half_mosaicity_value_deg"])
     if d.get("ML_domain_size_ang"):

@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..models.attenuation import attenuation_per_mm
+from ..models.crystal import FWHM_PER_SIGMA
 from ..models.crystal import space_group as to_space_group
 from ..models.goniometer import Goniometer
 
-#: Full width at half maximum of a Gaussian in units of its standard deviation.
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 @dataclass(frozen=True)
