@@ -50,10 +50,15 @@ class ProcessStep:
         ``function(session_dir, **options) -> dict`` (JSON-able summary).
         It may take ``backend=`` and ``progress=`` keywords; :func:`process`
         passes them when it does.
+    needs : tuple of str
+        Steps whose output this one reads: it takes part only where those
+        steps exist in this gpuflm too (symmetry and scaling need integrated
+        reflections).
     """
 
     name: str
     function: str
+    needs: tuple[str, ...] = ()
 
     def resolve(self) -> Callable[..., dict] | None:
         """The driver function, or None when this gpuflm does not have the step yet."""
@@ -64,11 +69,11 @@ class ProcessStep:
 STEPS: tuple[ProcessStep, ...] = (
     ProcessStep("find-spots", "find_spots"),
     ProcessStep("index", "index"),
-    ProcessStep("mosaicity", "estimate_mosaicity"),
-    ProcessStep("refine-cell", "refine_cell"),
-    ProcessStep("integrate", "integrate"),
-    ProcessStep("symmetry", "symmetry"),
-    ProcessStep("scale", "scale"),
+    ProcessStep("mosaicity", "estimate_mosaicity", needs=("index",)),
+    ProcessStep("refine-cell", "refine_cell", needs=("index",)),
+    ProcessStep("integrate", "integrate", needs=("index",)),
+    ProcessStep("symmetry", "symmetry", needs=("integrate",)),
+    ProcessStep("scale", "scale", needs=("integrate",)),
     ProcessStep("report", "write_report"),
 )
 
@@ -81,7 +86,7 @@ def _driver_function(name: str) -> Callable[..., dict] | None:
     if callable(fn):
         return fn
     for mod in pkgutil.iter_modules(driver.__path__):
-        if mod.name == "process":
+        if mod.name == "pipeline":
             continue
         fn = getattr(importlib.import_module(f"{driver.__name__}.{mod.name}"), name, None)
         if callable(fn) and getattr(fn, "__module__", "").startswith(driver.__name__):
@@ -104,8 +109,14 @@ def step_by_name(name: str) -> ProcessStep:
 
 
 def available_steps() -> list[ProcessStep]:
-    """The registered steps this gpuflm can run, in order."""
-    return [s for s in STEPS if s.resolve() is not None]
+    """The registered steps this gpuflm can run, in order (a step whose ``needs`` are missing is not)."""
+    have: set[str] = {"import"}
+    out = []
+    for s in STEPS:
+        if s.resolve() is not None and all(n in have for n in s.needs):
+            have.add(s.name)
+            out.append(s)
+    return out
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -285,7 +296,8 @@ def process(
             on_step(step.name, summary)
     doc = process_summary(session_dir)
     doc["steps_run"] = ran
-    doc["steps_not_available"] = [s.name for s in STEPS if s.resolve() is None]
+    available = available_steps()
+    doc["steps_not_available"] = [s.name for s in STEPS if s not in available]
     doc["seconds"] = round(time.perf_counter() - t0, 3)
     return doc
 
