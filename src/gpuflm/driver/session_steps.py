@@ -57,8 +57,8 @@ def _overrides_dict(overrides: Any) -> dict:
 
 
 def _angle_deg(u: np.ndarray, v: np.ndarray) -> float:
-    c = float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+    """Angle between two vectors, degrees (atan2 of |u x v| and u.v: exact near 0, where acos is not)."""
+    return float(np.degrees(np.arctan2(np.linalg.norm(np.cross(u, v)), float(u @ v))))
 
 
 def describe_experiment(e: Experiment) -> dict:
