@@ -93,3 +93,34 @@ def tmp_copy(tmp_path):
         return out
 
     return copy
+
+
+def run_cli(capsys, *argv):
+    """Run ``gpuflm ARGV`` in this process: ``(exit status, stdout, stderr)``."""
+    from gpuflm.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory):
+    """An 8-image simulated sweep on two PILATUS modules (a few seconds to make and process): its first image."""
+    from gpuflm.simulate import SimulationConfig, simulate_to_directory
+
+    out = tmp_path_factory.mktemp("small_sweep")
+    simulate_to_directory(out, SimulationConfig(image_size=(487, 407), distance=120.0, n_images=8, oscillation=0.5,
+                                                cell=(40.0, 45.0, 50.0, 90, 90, 90), space_group="P 21 21 21", seed=4))
+    return out / "sim_00001.cbf"
+
+
+def assert_same_tables(a, b, *, rtol: float = 1e-12):
+    """Equal reflection tables: the same columns, integers identical, floats to ``rtol`` (summation order)."""
+    assert sorted(a) == sorted(b) and len(a) == len(b)
+    for c in a:
+        x, y = np.asarray(a[c]), np.asarray(b[c])
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=0, err_msg=c)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=c)

@@ -8,49 +8,22 @@ import os
 import numpy as np
 import pytest
 
+from conftest import assert_same_tables, run_cli
+
 from gpuflm import api
-from gpuflm.cli import main
 from gpuflm.errors import GpuflmError
 from gpuflm.io.session import Session
 from gpuflm.io.tables import read_table
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """An 8-image sweep on two PILATUS modules."""
-    from gpuflm.simulate import SimulationConfig, simulate_to_directory
-
-    out = tmp_path_factory.mktemp("sim")
-    simulate_to_directory(out, SimulationConfig(image_size=(487, 407), distance=120.0, n_images=8, oscillation=0.5,
-                                                cell=(40.0, 45.0, 50.0, 90, 90, 90), space_group="P 21 21 21", seed=4))
-    return out / "sim_00001.cbf"
-
-
-def _same_tables(a, b):
-    """Equal spot tables: the same columns, integers identical, floats to rounding (summation order)."""
-    assert sorted(a) == sorted(b) and len(a) == len(b)
-    for c in a:
-        x, y = np.asarray(a[c]), np.asarray(b[c])
-        if x.dtype.kind == "f":
-            np.testing.assert_allclose(x, y, rtol=1e-12, atol=0, err_msg=c)
-        else:
-            np.testing.assert_array_equal(x, y, err_msg=c)
-
-
-def test_api_matches_the_command_line(images, tmp_path, capsys):
+def test_api_matches_the_command_line(small_sweep, tmp_path, capsys):
     from gpuflm.steps.spotfind import SpotfindConfig
 
-    s = api.Session.create(images, tmp_path / "api")
+    s = api.Session.create(small_sweep, tmp_path / "api")
     summary = s.find_spots(SpotfindConfig(annulus=None), backend="numpy")
-    assert run(capsys, "import", images, "-o", tmp_path / "cli")[0] == 0
-    assert run(capsys, "find-spots", tmp_path / "cli", "--backend", "numpy", "--no-annulus")[0] == 0
-    _same_tables(s.spots(), read_table(Session.load(tmp_path / "cli").path /
+    assert run_cli(capsys, "import", small_sweep, "-o", tmp_path / "cli")[0] == 0
+    assert run_cli(capsys, "find-spots", tmp_path / "cli", "--backend", "numpy", "--no-annulus")[0] == 0
+    assert_same_tables(s.spots(), read_table(Session.load(tmp_path / "cli").path /
                                        Session.load(tmp_path / "cli").outputs["find-spots"]))
     assert summary["total_spots"] == len(s.spots())
     assert [h["step"] for h in s.history] == ["import", "find-spots"] and s.head == 2
@@ -62,9 +35,9 @@ def test_api_matches_the_command_line(images, tmp_path, capsys):
     rep = s.report(images=1)
     assert os.path.isfile(rep["report"]) and "spot-finding" in rep["sections"]
     # process through the API: the same summary as the command line's --json
-    p = api.Session.process([images], tmp_path / "api2", steps=["find-spots"], backend="numpy",
+    p = api.Session.process([small_sweep], tmp_path / "api2", steps=["find-spots"], backend="numpy",
                             options={"find-spots": {"config": SpotfindConfig(annulus=None)}})
-    code, out, _ = run(capsys, "process", images, "-o", tmp_path / "cli2", "--backend", "numpy", "--steps",
+    code, out, _ = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "cli2", "--backend", "numpy", "--steps",
                        "find-spots", "--find-spots-options=--no-annulus", "--json")
     doc = json.loads(out)
     for key in ("spots", "resolution", "sectors", "cell", "statistics", "warnings", "steps"):
@@ -79,10 +52,10 @@ def test_a_session_from_a_newer_gpuflm_is_refused(tmp_path):
         api.Session.open(tmp_path)
 
 
-def test_go_on_from_a_step_after_changing_a_parameter(images, tmp_path):
+def test_go_on_from_a_step_after_changing_a_parameter(small_sweep, tmp_path):
     from gpuflm.steps.spotfind import SpotfindConfig
 
-    s = api.Session.process([images], tmp_path / "s", steps=["find-spots"], backend="numpy")
+    s = api.Session.process([small_sweep], tmp_path / "s", steps=["find-spots"], backend="numpy")
     first = len(s.spots())
     summary = s.run_from("find-spots", options={"find-spots": {"config": SpotfindConfig(annulus=None, d_min=3.5)}},
                          steps=["find-spots", "report"], backend="numpy")

@@ -9,45 +9,18 @@ import subprocess
 import numpy as np
 import pytest
 
+from conftest import assert_same_tables, run_cli
+
 import gpuflm.driver as driver_pkg
-from gpuflm.cli import main
 from gpuflm.driver import pipeline as proc
 from gpuflm.errors import GpuflmError
 from gpuflm.io.session import Session
 from gpuflm.io.tables import read_table
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """An 8-image sweep on two PILATUS modules (a few seconds to make and process)."""
-    from gpuflm.simulate import SimulationConfig, simulate_to_directory
-
-    out = tmp_path_factory.mktemp("sim")
-    simulate_to_directory(out, SimulationConfig(image_size=(487, 407), distance=120.0, n_images=8, oscillation=0.5,
-                                                cell=(40.0, 45.0, 50.0, 90, 90, 90), space_group="P 21 21 21", seed=4))
-    return out / "sim_00001.cbf"
-
-
-def _same_tables(a, b):
-    """Equal spot tables: the same columns, integers identical, floats to rounding (summation order)."""
-    assert sorted(a) == sorted(b) and len(a) == len(b)
-    for c in a:
-        x, y = np.asarray(a[c]), np.asarray(b[c])
-        if x.dtype.kind == "f":
-            np.testing.assert_allclose(x, y, rtol=1e-12, atol=0, err_msg=c)
-        else:
-            np.testing.assert_array_equal(x, y, err_msg=c)
-
-
-def test_process_json_summary_and_log(images, tmp_path, capsys):
+def test_process_json_summary_and_log(small_sweep, tmp_path, capsys):
     s = tmp_path / "s"
-    code, out, err = run(capsys, "process", images, "-o", s, "--backend", "numpy", "--steps", "find-spots,report",
+    code, out, err = run_cli(capsys, "process", small_sweep, "-o", s, "--backend", "numpy", "--steps", "find-spots,report",
                          "--json")
     assert code == 0, err
     doc = json.loads(out)
@@ -70,23 +43,23 @@ def test_process_json_summary_and_log(images, tmp_path, capsys):
     assert "parameter backend = 'numpy'" in text and "finished with status 0" in text
 
 
-def test_human_summary_names_the_files(images, tmp_path, capsys):
-    code, out, _ = run(capsys, "process", images, "-o", tmp_path / "s", "--backend", "numpy", "--steps", "find-spots",
+def test_human_summary_names_the_files(small_sweep, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "s", "--backend", "numpy", "--steps", "find-spots",
                        "-q")
     assert code == 0
     assert "Session" in out and "images 1-8" in out and "spot table" in out
     assert str((tmp_path / "s" / "spots").resolve()) in out
 
 
-def test_process_equals_the_separate_commands(images, tmp_path, capsys):
-    code, out, _ = run(capsys, "process", images, "-o", tmp_path / "p", "--backend", "numpy", "--steps", "find-spots",
+def test_process_equals_the_separate_commands(small_sweep, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "p", "--backend", "numpy", "--steps", "find-spots",
                        "--find-spots-options=--no-annulus --d-min 3.0", "--distance", "121", "--json")
     assert code == 0
     by_process = json.loads(out)
-    assert run(capsys, "import", images, "-o", tmp_path / "c", "--distance", "121")[0] == 0
-    assert run(capsys, "find-spots", tmp_path / "c", "--backend", "numpy", "--no-annulus", "--d-min", "3.0")[0] == 0
+    assert run_cli(capsys, "import", small_sweep, "-o", tmp_path / "c", "--distance", "121")[0] == 0
+    assert run_cli(capsys, "find-spots", tmp_path / "c", "--backend", "numpy", "--no-annulus", "--d-min", "3.0")[0] == 0
     by_commands = Session.load(tmp_path / "c")
-    _same_tables(read_table(by_process["outputs"]["find-spots"]),
+    assert_same_tables(read_table(by_process["outputs"]["find-spots"]),
                  read_table(tmp_path / "c" / by_commands.outputs["find-spots"]))
     p = Session.load(tmp_path / "p")
     assert p.parameters["find-spots"]["config"] == by_commands.parameters["find-spots"]["config"]
@@ -94,9 +67,9 @@ def test_process_equals_the_separate_commands(images, tmp_path, capsys):
     assert p.parameters["find-spots"]["config"]["d_min"] == 3.0
 
 
-def test_batch_script_runs_the_same_steps(images, tmp_path, capsys):
+def test_batch_script_runs_the_same_steps(small_sweep, tmp_path, capsys):
     script = tmp_path / "run.sh"
-    code, out, _ = run(capsys, "process", images, "-o", tmp_path / "b", "--backend", "numpy", "--batch", script,
+    code, out, _ = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "b", "--backend", "numpy", "--batch", script,
                        "--steps", "find-spots", "--find-spots-options=--no-annulus --min-spot-size 4",
                        "--beam-centre", "41.9", "35.0", "--json")
     assert code == 0 and json.loads(out)["steps"] == ["import", "find-spots"]
@@ -109,17 +82,17 @@ def test_batch_script_runs_the_same_steps(images, tmp_path, capsys):
     done = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     # the script's session is the one gpuflm process makes with the same options
-    assert run(capsys, "process", images, "-o", tmp_path / "p", "--backend", "numpy", "--steps", "find-spots",
+    assert run_cli(capsys, "process", small_sweep, "-o", tmp_path / "p", "--backend", "numpy", "--steps", "find-spots",
                "--find-spots-options=--no-annulus --min-spot-size 4", "--beam-centre", "41.9", "35.0")[0] == 0
     a, b = Session.load(tmp_path / "b"), Session.load(tmp_path / "p")
-    _same_tables(read_table(a.path / a.outputs["find-spots"]), read_table(b.path / b.outputs["find-spots"]))
+    assert_same_tables(read_table(a.path / a.outputs["find-spots"]), read_table(b.path / b.outputs["find-spots"]))
     assert [h["step"] for h in a.history] == [h["step"] for h in b.history] == ["import", "find-spots"]
     # a script is never replaced by accident
-    code, _, err = run(capsys, "process", images, "-o", tmp_path / "b2", "--batch", script)
+    code, _, err = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "b2", "--batch", script)
     assert code == 2 and "exists already" in err
 
 
-def test_a_new_step_is_one_registry_entry(images, tmp_path, monkeypatch):
+def test_a_new_step_is_one_registry_entry(small_sweep, tmp_path, monkeypatch):
     calls = []
 
     def count_spots(session_dir, *, backend="auto", minimum=1):
@@ -135,7 +108,7 @@ def test_a_new_step_is_one_registry_entry(images, tmp_path, monkeypatch):
     monkeypatch.setattr(proc, "STEPS", (*proc.STEPS[:1], proc.ProcessStep("count-spots", "count_spots"),
                                         *proc.STEPS[1:]))
     assert "count-spots" in [st.name for st in proc.available_steps()]
-    doc = proc.process([images], tmp_path / "s", steps=["find-spots", "count-spots"], backend="numpy",
+    doc = proc.process([small_sweep], tmp_path / "s", steps=["find-spots", "count-spots"], backend="numpy",
                        options={"count-spots": {"minimum": 3}})
     assert [r["step"] for r in doc["steps_run"]] == ["import", "find-spots", "count-spots"]
     assert calls == ["numpy"]  # the process backend reaches a step that takes one
@@ -145,7 +118,7 @@ def test_a_new_step_is_one_registry_entry(images, tmp_path, monkeypatch):
         proc.run_step(tmp_path / "s", "count-spots", {"maximum": 2})
 
 
-def test_a_failing_step_stops_and_leaves_the_session_as_it_was(images, tmp_path, monkeypatch, capsys):
+def test_a_failing_step_stops_and_leaves_the_session_as_it_was(small_sweep, tmp_path, monkeypatch, capsys):
     def explode(session_dir, **_):
         s = Session.load(session_dir)
         s.warn("half done", step="explode")  # changed in memory, never saved: the step fails first
@@ -158,7 +131,7 @@ def test_a_failing_step_stops_and_leaves_the_session_as_it_was(images, tmp_path,
     monkeypatch.setattr(proc, "STEPS", (proc.STEPS[0], proc.ProcessStep("explode", "explode"),
                                         proc.ProcessStep("after", "after")))
     s = tmp_path / "s"
-    code, out, err = run(capsys, "process", images, "-o", s, "--backend", "numpy", "--json")
+    code, out, err = run_cli(capsys, "process", small_sweep, "-o", s, "--backend", "numpy", "--json")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "step explode failed: the crystal dissolved" in err
     assert "the session keeps import, find-spots" in err and f"gpuflm explode {s}" in err
@@ -168,17 +141,17 @@ def test_a_failing_step_stops_and_leaves_the_session_as_it_was(images, tmp_path,
     assert not any(w["step"] == "explode" for w in session.warnings)
 
 
-def test_bad_requests_are_one_line_errors(images, tmp_path, capsys):
-    code, _, err = run(capsys, "process", images, "-o", tmp_path / "a", "--steps", "find-spots,no-such-step")
+def test_bad_requests_are_one_line_errors(small_sweep, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "a", "--steps", "find-spots,no-such-step")
     assert code == 2 and "unknown step 'no-such-step'" in err and "find-spots" in err
-    code, _, err = run(capsys, "process", images, "-o", tmp_path / "b", "--steps", "report",
+    code, _, err = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "b", "--steps", "report",
                        "--find-spots-options=--no-annulus")
     assert code == 2 and "--find-spots-options given, but this run does not include find-spots" in err
-    code, _, err = run(capsys, "process", images, "-o", tmp_path / "c", "--find-spots-options=--no-such-option")
+    code, _, err = run_cli(capsys, "process", small_sweep, "-o", tmp_path / "c", "--find-spots-options=--no-such-option")
     assert code == 2 and err.count("\n") == 1 and "--find-spots-options" in err and "--no-such-option" in err
     assert not (tmp_path / "c" / "session.json").exists()
     with pytest.raises(GpuflmError, match="options were given for the step 'report'"):
-        proc.process([images], tmp_path / "d", steps=["find-spots"], options={"report": {"images": 0}})
+        proc.process([small_sweep], tmp_path / "d", steps=["find-spots"], options={"report": {"images": 0}})
 
 
 def test_history_tree_branches_when_an_earlier_step_is_rerun():

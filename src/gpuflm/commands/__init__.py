@@ -13,18 +13,10 @@ import json
 import sys
 from typing import Any
 
+from ..jsonutil import json_default
+
 
 def print_json(doc: Any) -> None:
     """Print one JSON document on stdout (NumPy scalars and arrays converted)."""
-    json.dump(doc, sys.stdout, indent=2, default=_json_default)
+    json.dump(doc, sys.stdout, indent=2, default=json_default)
     sys.stdout.write("\n")
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 import uuid
@@ -13,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import GpuflmError
+from ..jsonutil import to_json
 from ..io.session import Session
 
 
@@ -123,7 +123,7 @@ def index(
             progress(s, k + 1, len(chosen))
     out = session.path / "index" / f"indexed_{entry_id:03d}.h5"
     expt = session.path / "index" / f"indexed_{entry_id:03d}.expt"
-    params = {"config": _jsonable(config.to_dict()), "sectors": chosen, "backend": be.name, "mosaicity": mosaicity}
+    params = {"config": to_json(config.to_dict()), "sectors": chosen, "backend": be.name, "mosaicity": mosaicity}
     write_tables(out, {"reflections": ReflectionTable.concatenate(indexed_tables),
                        "solutions": ReflectionTable.concatenate(solution_tables)},
                  meta={"step": "index", **params})
@@ -235,18 +235,6 @@ def _chosen_summary(lattice: Any, experiment: Any) -> dict:
         "n_used_in_refinement": r.n_used,
         "n_outliers": r.n_rejected,
     }
-
-
-def _jsonable(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    if isinstance(d, (np.generic,)):
-        return d.item()
-    if isinstance(d, float) and not math.isfinite(d):
-        return None
-    return d
 
 
 def format_index(summary: dict) -> str:

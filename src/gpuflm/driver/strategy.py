@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GpuflmError
+from ..jsonutil import to_json
 from ..io.session import Session
 
 
@@ -51,8 +52,7 @@ def strategy(
     from ..backends import get_backend
     from ..io.atomic import write_text_atomic
     from ..steps.strategy import StrategyConfig, plan_strategy
-    from .symmetry_scale import finite_json
-
+    
     t0 = time.perf_counter()
     config = config or StrategyConfig()
     session = Session.load(session_dir)
@@ -71,7 +71,7 @@ def strategy(
     result = plan_strategy(experiment, config, backend=be)
     entry_id = len(session.history) + 1
     out = session.path / "strategy" / f"strategy_{entry_id:03d}.json"
-    doc = finite_json(result.to_dict())
+    doc = to_json(result.to_dict())
     write_text_atomic(out, json.dumps(doc, indent=1), overwrite=False)
     png = None
     if plot and doc["rotation_table"]:

@@ -22,21 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import GpuflmError
+from ..jsonutil import to_json
 from ..io.session import Session
 from ..table import ReflectionTable
-
-
-def finite_json(obj: Any) -> Any:
-    """``obj`` with NaN and infinities replaced by None (strict JSON), NumPy scalars made plain."""
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 @dataclass
@@ -129,7 +117,7 @@ def symmetry(session_dir: str | os.PathLike, config: Any = None, *, input: str |
     session = Session.load(session_dir)
     data = load_integrated(session, input)
     result = determine_symmetry(data.table, cell=data.cell, space_group=data.space_group, config=config)
-    doc = finite_json(result.to_dict())
+    doc = to_json(result.to_dict())
     entry_id = len(session.history) + 1
     out = session.path / "symmetry" / f"symmetry_{entry_id:03d}.json"
     write_text_atomic(out, json.dumps(doc, indent=1), overwrite=False)
@@ -241,7 +229,7 @@ def scale(
     tables_path = folder / f"scaled_{entry_id:03d}.h5"
     write_tables(tables_path, {"reflections": result.observations, "merged": result.merged,
                                "batches": result.batches}, meta={"step": "scale", "space_group": sg})
-    summary = finite_json({
+    summary = to_json({
         "statistics": result.statistics,
         "merged_mtz": str(merged_path),
         "unmerged_mtz": str(unmerged_path) if unmerged_path else None,
@@ -290,5 +278,5 @@ def format_scale_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["IntegratedInput", "finite_json", "format_scale_summary", "format_symmetry_summary", "load_integrated",
+__all__ = ["IntegratedInput", "format_scale_summary", "format_symmetry_summary", "load_integrated",
            "scale", "symmetry"]

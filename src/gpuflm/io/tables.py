@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
 from .. import __version__
 from ..errors import GpuflmError
+from ..jsonutil import json_default
 from ..table import ReflectionTable
 from .atomic import atomic_path
 
@@ -49,18 +49,10 @@ def write_tables(path: str | os.PathLike, tables: dict[str, ReflectionTable], *,
                 kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if arr.size > 1024 else {}
                 grp.create_dataset(col, data=arr, **kwargs)
             if table.meta:
-                grp.attrs["meta"] = json.dumps(table.meta, default=_json_default)
+                grp.attrs["meta"] = json.dumps(table.meta, default=json_default)
         m = fh.create_group("meta")
-        m.attrs["json"] = json.dumps(meta or {}, default=_json_default)
+        m.attrs["json"] = json.dumps(meta or {}, default=json_default)
     return target
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def read_tables(path: str | os.PathLike) -> tuple[dict[str, ReflectionTable], dict]:
