@@ -85,13 +85,13 @@ class ReflectionTable(Mapping):
 
     @classmethod
     def concatenate(cls, tables: list[ReflectionTable]) -> ReflectionTable:
-        """Rows of several tables with the same columns, in order."""
+        """Rows of several tables with the same columns (in any order; the first table's order is kept)."""
         tables = [t for t in tables if t is not None]
         if not tables:
             return cls()
         keys = list(tables[0].keys())
         for t in tables[1:]:
-            if list(t.keys()) != keys:
+            if sorted(t.keys()) != sorted(keys):
                 raise ValueError(f"tables have different columns: {keys} and {list(t.keys())}")
         return cls({k: np.concatenate([t[k] for t in tables]) for k in keys}, **tables[0].meta)
 

@@ -106,12 +106,33 @@ def segment_sum(values: Any, segments: Segments, *, xp: Any | None = None) -> An
     [1.0, 5.0, 0.0, 4.0]
     """
     xp = xp or array_namespace(values)
-    values = xp.astype(values, xp.float64)
+    values = xp.astype(values, xp.float64, copy=False)
     bincount = _bincount(xp)
     if bincount is not None:
         return bincount(segments.ids, weights=values, minlength=segments.count)[: segments.count]
     csum = xp.cumulative_sum(values, include_initial=True)
     return xp.take(csum, segments.ends) - xp.take(csum, segments.starts)
+
+
+def scatter_add(keys: Any, values: Any, count: int, *, xp: Any | None = None) -> Any:
+    """Sums of ``values`` by integer key ``0 <= keys < count`` in any order (a histogram with weights), float64.
+
+    ``bincount`` on NumPy and CuPy; elsewhere one stable sort and
+    :func:`segment_sum`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> scatter_add(np.array([2, 0, 2]), np.array([1.0, 2.0, 3.0]), 4).tolist()
+    [2.0, 0.0, 4.0, 0.0]
+    """
+    xp = xp or array_namespace(values)
+    values = xp.astype(values, xp.float64, copy=False)
+    bincount = _bincount(xp)
+    if bincount is not None:
+        return bincount(xp.astype(keys, xp.int64, copy=False), weights=values, minlength=int(count))[: int(count)]
+    order, seg = group_by_segment(keys, int(count), xp=xp)
+    return segment_sum(xp.take(values, order), seg, xp=xp)
 
 
 def segment_min_max(values: Any, segments: Segments, bound: int, *, xp: Any | None = None) -> tuple[Any, Any]:
@@ -153,4 +174,4 @@ def segment_first_max(values: Any, segments: Segments, *, xp: Any | None = None)
     return xp.take(perm, segments.starts)
 
 
-__all__ = ["Segments", "group_by_segment", "segment_first_max", "segment_min_max", "segment_sum"]
+__all__ = ["Segments", "group_by_segment", "scatter_add", "segment_first_max", "segment_min_max", "segment_sum"]
