@@ -35,3 +35,25 @@ def json_default(o: Any) -> Any:
     if isinstance(o, os.PathLike):
         return os.fspath(o)
     return str(o)
+
+
+def config_changes(config: Any, default: Any, *, atomic: tuple[str, ...] = (), prefix: str = "") -> dict:
+    """The fields of a (nested) settings dataclass that differ from ``default``, flattened with dots.
+
+    Nested dataclasses are compared field by field, except those named in
+    ``atomic`` (compared whole); values come as ``to_dict()`` where they have
+    one, tuples as lists (for the log, the CLI and JSON).
+    """
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        va, vb = getattr(config, f.name), getattr(default, f.name)
+        if (dataclasses.is_dataclass(va) and dataclasses.is_dataclass(vb) and type(va) is type(vb)
+                and f.name not in atomic):
+            out.update(config_changes(va, vb, atomic=atomic, prefix=f"{prefix}{f.name}."))
+        elif va != vb:
+            out[f"{prefix}{f.name}"] = (va.to_dict() if hasattr(va, "to_dict") else
+                                        list(va) if isinstance(va, tuple) else va)
+    return out
+

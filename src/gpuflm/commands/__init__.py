@@ -20,3 +20,17 @@ def print_json(doc: Any) -> None:
     """Print one JSON document on stdout (NumPy scalars and arrays converted)."""
     json.dump(doc, sys.stdout, indent=2, default=json_default)
     sys.stdout.write("\n")
+
+
+def image_numbers(args: Any) -> list[int] | None:
+    """``--images`` as image numbers (None when not given); a bad range is a one-line GpuflmError."""
+    from ..errors import GpuflmError
+    from ..steps.spotfind import parse_image_ranges
+
+    if not getattr(args, "images", None):
+        return None
+    try:
+        return parse_image_ranges(args.images)
+    except ValueError as exc:
+        raise GpuflmError(f"--images: {exc}") from exc
+

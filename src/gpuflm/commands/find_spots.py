@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..errors import GpuflmError
-from . import print_json
+from . import image_numbers, print_json
 
 NAME = "find-spots"
 LOG_FOLDER = "session"
@@ -93,12 +93,7 @@ def spotfind_config(args: argparse.Namespace) -> Any:
 
 def driver_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of :func:`gpuflm.driver.find_spots` (also used by ``gpuflm process``)."""
-    from ..steps.spotfind import parse_image_ranges
-
-    try:
-        images = parse_image_ranges(args.images) if args.images else None
-    except ValueError as exc:
-        raise GpuflmError(f"--images: {exc}") from exc
+    images = image_numbers(args)
     return {"config": spotfind_config(args), "images": images, "backend": args.backend, "sectors": args.sector}
 
 

@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     def on_step(name: str, summary: dict) -> None:
         if talk:
-            print(f"  {name:<12} done", file=sys.stderr)
+            state = f"skipped: {summary['skipped']}" if "skipped" in summary else "done"
+            print(f"  {name:<12} {state}", file=sys.stderr)
 
     def on_block(info: dict) -> None:
         if talk:

@@ -17,6 +17,8 @@ from .session_steps import (
 from .pipeline import format_history_tree, format_process_summary, process, process_summary, run_step
 from .report import write_report
 from .indexing import format_index, index
+from .integrate import format_integrate, integrate
+from .refine_cell import format_refine_cell, refine_cell
 from .spotfinding import find_spots, format_find_spots, record_spotfinding
 from .strategy import format_strategy_summary, strategy
 from .symmetry_scale import format_scale_summary, format_symmetry_summary, load_integrated, scale, symmetry
@@ -37,6 +39,10 @@ __all__ = [
     "format_show",
     "import_images",
     "index",
+    "integrate",
+    "format_integrate",
+    "format_refine_cell",
+    "refine_cell",
     "load_integrated",
     "process",
     "process_summary",

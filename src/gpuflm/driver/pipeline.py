@@ -54,23 +54,29 @@ class ProcessStep:
         Steps whose output this one reads: it takes part only where those
         steps exist in this gpuflm too (symmetry and scaling need integrated
         reflections).
+    optional : bool
+        A failure of this step in ``gpuflm process`` is kept as a warning in
+        the session and the run goes on without it (cell refinement on a
+        sweep too short for two segments: the indexed cell is used, as
+        iMOSFLM lets a user go straight to integration).
     """
 
     name: str
     function: str
     needs: tuple[str, ...] = ()
+    optional: bool = False
 
     def resolve(self) -> Callable[..., dict] | None:
         """The driver function, or None when this gpuflm does not have the step yet."""
         return _driver_function(self.function)
 
 
-#: The steps of ``gpuflm process`` after ``import``, in order.
+#: The steps of ``gpuflm process`` after ``import``, in order. (``index`` estimates the mosaicity of the
+#: chosen solution, as MOSFLM does straight after indexing; ``refine-cell`` refines it.)
 STEPS: tuple[ProcessStep, ...] = (
     ProcessStep("find-spots", "find_spots"),
     ProcessStep("index", "index"),
-    ProcessStep("mosaicity", "estimate_mosaicity", needs=("index",)),
-    ProcessStep("refine-cell", "refine_cell", needs=("index",)),
+    ProcessStep("refine-cell", "refine_cell", needs=("index",), optional=True),
     ProcessStep("integrate", "integrate", needs=("index",)),
     ProcessStep("symmetry", "symmetry", needs=("integrate",)),
     ProcessStep("scale", "scale", needs=("integrate",)),
@@ -283,6 +289,13 @@ def process(
         try:
             summary = run_step(session_dir, step, options.get(step.name), backend=backend, progress=bar)
         except GpuflmError as exc:
+            if step.optional:
+                _skip_step(session_dir, step, exc)
+                ran.append({"step": step.name, "seconds": round(time.perf_counter() - t, 3), "skipped": True,
+                            "reason": exc.one_line()})
+                if on_step is not None:
+                    on_step(step.name, {"skipped": exc.one_line()})
+                continue
             done = ", ".join(r["step"] for r in ran)
             raise GpuflmError(
                 f"step {step.name} failed: {exc.one_line()}",
@@ -300,6 +313,13 @@ def process(
     doc["steps_not_available"] = [s.name for s in STEPS if s not in available]
     doc["seconds"] = round(time.perf_counter() - t0, 3)
     return doc
+
+
+def _skip_step(session_dir: str | os.PathLike, step: ProcessStep, exc: GpuflmError) -> None:
+    """Keep why an optional step did not run as a warning of the session (which the step left as it was)."""
+    session = Session.load(session_dir)
+    session.warn(f"{step.name} skipped: {exc.one_line()}", step=step.name, severity="warning")
+    session.save()
 
 
 # -- live processing ---------------------------------------------------------------------------------

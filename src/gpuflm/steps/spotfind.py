@@ -166,18 +166,11 @@ class SpotfindConfig:
 
     def changes(self) -> dict:
         """The parameters that differ from the defaults, flattened with dots (for the log and the CLI)."""
-        return _diff(self, SpotfindConfig())
+        from ..jsonutil import config_changes
+
+        return config_changes(self, SpotfindConfig(), atomic=("mask",))
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> dict:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(a):
-        va, vb = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(va) and dataclasses.is_dataclass(vb) and type(va) is type(vb) and f.name != "mask":
-            out.update(_diff(va, vb, f"{prefix}{f.name}."))
-        elif va != vb:
-            out[f"{prefix}{f.name}"] = va.to_dict() if hasattr(va, "to_dict") else va
-    return out
 
 
 @dataclass
