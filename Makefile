@@ -20,7 +20,7 @@ install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 
 demo: install
-	$(BIN)/gpuflm simulate -o $(DEMO)/images --overwrite
+	$(BIN)/gpuflm simulate -o $(DEMO)/images --distance 300 --overwrite
 	$(BIN)/gpuflm process $(DEMO)/images/sim_00001.cbf -o $(DEMO)/session --overwrite
 
 test: install-test
