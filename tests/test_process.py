@@ -173,3 +173,23 @@ def test_history_tree_branches_when_an_earlier_step_is_rerun():
 
     current = proc.current_entries(S)
     assert {k: v["id"] for k, v in current.items()} == {"import": 1, "find-spots": 4, "index": 7}
+
+
+def test_the_whole_job_on_a_short_sweep_skips_cell_refinement_with_a_warning(small_sweep, tmp_path, capsys):
+    """8 images of 0.5 degrees hold no two post-refinement segments: refine-cell is skipped (a warning in the
+    session, the session as it was), integration goes on with the indexed cell and writes the MTZ, and
+    symmetry and scaling run on it."""
+    s = tmp_path / "s"
+    code, out, err = run_cli(capsys, "process", small_sweep, "-o", s, "--backend", "numpy", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    steps = {r["step"]: r for r in doc["steps_run"]}
+    assert list(steps) == ["import", "find-spots", "index", "refine-cell", "integrate", "symmetry", "scale", "report"]
+    assert steps["refine-cell"].get("skipped") is True and "two segments" in steps["refine-cell"]["reason"]
+    assert not any(r.get("skipped") for name, r in steps.items() if name != "refine-cell")
+    session = Session.load(s)
+    history = [h["step"] for h in session.history]
+    assert "refine-cell" not in history and history[-3:] == ["integrate", "symmetry", "scale"]  # report: no entry
+    assert any(w["step"] == "refine-cell" and w["message"].startswith("refine-cell skipped") for w in session.warnings)
+    mtz = session.path / session.outputs["integrate_mtz"]
+    assert mtz.is_file() and mtz.stat().st_size > 0
