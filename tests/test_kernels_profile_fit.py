@@ -400,14 +400,15 @@ def test_fit_variance_is_the_documented_formula():
         v = np.abs(d["background"][rows][use]) + np.abs(res["intensity"][r] * pu) + 1e-10
         s_pp = np.sum(pu * pu / v)
         s_np = np.sum(d["valid_weight"][rows][use] * pu / v)
-        expected = 1.0 / s_pp + s_np**2 / s_pp**2 * d["background_variance"][r]
+        # PKRATIO over the fitted cells; the variance is inflated by max(1, PKRATIO^2)
+        resid = d["net"][rows][use] - res["intensity"][r] * pu
+        pk = np.sqrt(np.mean(resid**2 / np.maximum(v, 1.0)))
+        assert res["pk_ratio"][r] == pytest.approx(pk, rel=1e-10)
+        expected = (1.0 / s_pp + s_np**2 / s_pp**2 * d["background_variance"][r]) * max(1.0, pk**2)
         assert res["variance"][r] == pytest.approx(expected, rel=1e-10)
         # and the intensity is the fixed point of the iteration (to its tolerance)
         fixed = np.sum(d["net"][rows][use] * pu / v) / s_pp
         assert res["intensity"][r] == pytest.approx(fixed, rel=2e-3)
-        # PKRATIO and the correlation over the same cells
-        resid = d["net"][rows][use] - res["intensity"][r] * pu
-        assert res["pk_ratio"][r] == pytest.approx(np.sqrt(np.mean(resid**2 / np.maximum(v, 1.0))), rel=1e-10)
         assert res["correlation"][r] == pytest.approx(np.corrcoef(d["net"][rows][use], pu)[0, 1], rel=1e-10)
 
 
