@@ -193,3 +193,6 @@ def test_the_whole_job_on_a_short_sweep_skips_cell_refinement_with_a_warning(sma
     assert any(w["step"] == "refine-cell" and w["message"].startswith("refine-cell skipped") for w in session.warnings)
     mtz = session.path / session.outputs["integrate_mtz"]
     assert mtz.is_file() and mtz.stat().st_size > 0
+    # the summary's space group is the one the data were merged in (QuickSymm's), not the indexing lattice's
+    scaled_in = [h for h in session.history if h["step"] == "scale"][-1]["summary"]["space_group"]
+    assert doc["space_group"] == scaled_in and doc["space_group_from"] == "scale"

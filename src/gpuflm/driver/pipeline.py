@@ -526,8 +526,10 @@ def process_summary(session_dir: str | os.PathLike) -> dict:
     -------
     dict
         ``session``; ``sectors`` (per sector ``images``, ``image_range``,
-        ``angle_range``); ``cell``, ``space_group``, ``mosaicity_deg`` (None
-        until indexed); ``resolution`` (``d_min`` in A and the step it comes
+        ``angle_range``); ``cell``, ``space_group`` (the one the data were
+        scaled in, else QuickSymm's choice, else the indexed crystal's; its
+        source in ``space_group_from``), ``mosaicity_deg`` (None until
+        indexed); ``resolution`` (``d_min`` in A and the step it comes
         from: the merging statistics, else spot finding's median DISTL
         estimate); ``statistics`` (the scaling step's ``overall`` numbers:
         completeness, CC1/2, ...; None before scaling); ``spots``;
@@ -564,6 +566,14 @@ def process_summary(session_dir: str | os.PathLike) -> dict:
         "steps": [h["step"] for h in entries.values()],
     }
     scale = entries.get("scale", {}).get("summary", {})
+    # the space group the data were merged in (QuickSymm's choice) outranks the indexing lattice's
+    for step, key in (("scale", "space_group"), ("symmetry", "best_space_group")):
+        chosen = entries.get(step, {}).get("summary", {}).get(key)
+        if chosen:
+            doc["space_group"], doc["space_group_from"] = chosen, step
+            break
+    else:
+        doc["space_group_from"] = "index" if crystal is not None else None
     stats = scale_statistics(scale) if scale else {}
     overall = stats.get("overall") if isinstance(stats.get("overall"), dict) else None
     if overall:
