@@ -141,7 +141,7 @@ class Table:
         return bool(np.median(np.abs(prod[ok] * eff[ok] - 1.0)) < np.median(np.abs(prod[ok] - 1.0)))
 
 
-def join_dials_pieces(cols: dict) -> tuple[dict, int]:
+def join_dials_pieces(cols: dict, integrated_sum: int = INTEGRATED_SUM) -> tuple[dict, int]:
     """Put back together the reflections that dials.integrate split at block boundaries.
 
     DIALS integrates a reflection whose box crosses a block boundary as pieces (rows with the same
@@ -151,7 +151,7 @@ def join_dials_pieces(cols: dict) -> tuple[dict, int]:
     the profile-fitted intensity (and every other column) is the piece's with the largest partiality:
     DIALS' profile fit of a piece already estimates the whole reflection (the small piece of a split
     reflection has about the same intensity.prf.value as the large one), so it must not be summed.
-    Returns (columns, rows joined).
+    ``integrated_sum`` is DIALS' flag bit of that name. Returns (columns, rows joined).
     """
     if "partial_id" not in cols:
         return cols, 0
@@ -174,8 +174,8 @@ def join_dials_pieces(cols: dict) -> tuple[dict, int]:
             out[k] = gsum(cols[k])
     if "flags" in cols:  # integrated_sum only if every piece has it; integrated_prf as the main piece's
         flags = np.asarray(cols["flags"], np.int64)
-        has = np.bincount(inverse, weights=((flags & INTEGRATED_SUM) != 0).astype(np.float64), minlength=n)
-        out["flags"] = np.where(has == counts, out["flags"] | INTEGRATED_SUM, out["flags"] & ~INTEGRATED_SUM)
+        has = np.bincount(inverse, weights=((flags & integrated_sum) != 0).astype(np.float64), minlength=n)
+        out["flags"] = np.where(has == counts, out["flags"] | integrated_sum, out["flags"] & ~integrated_sum)
     if "bbox" in cols:
         bb = np.asarray(cols["bbox"])
         lo = np.full(n, np.iinfo(np.int64).max)
@@ -240,7 +240,7 @@ def read_truth(folder: str) -> dict:
 # matching
 # ---------------------------------------------------------------------------------------------
 def hkl_key(hkl: np.ndarray) -> np.ndarray:
-    h = np.asarray(hkl, np.int64) + 1024
+    h = np.asarray(hkl, np.int64).reshape(-1, 3) + 1024
     return (h[:, 0] << 22) | (h[:, 1] << 11) | h[:, 2]
 
 

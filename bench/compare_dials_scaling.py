@@ -65,6 +65,10 @@ from gpuflm.models.crystal import space_group as to_space_group
 from gpuflm.steps.scale import ScaleConfig, merging_statistics, scale_intensities
 from gpuflm.table import ReflectionTable
 
+# the same pieces-joining rule and index keys as the integration comparison (run from bench/ or with it on the path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_dials_integration import hkl_key, join_dials_pieces  # noqa: E402
+
 #: Where the DIALS reference runs are (bench/dials_reference/README.md makes them); $GPUFLM_DIALS_RUNS overrides.
 RUNS = Path(os.environ.get("GPUFLM_DIALS_RUNS", "/work/dials_runs"))
 DEFAULTS = {
@@ -86,11 +90,6 @@ DIALS_FLAGS = {"integrated_sum": 1 << 8, "integrated_prf": 1 << 9, "user_exclude
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
-def hkl_key(hkl: np.ndarray) -> np.ndarray:
-    h = np.asarray(hkl, np.int64).reshape(-1, 3) + 1024
-    return (h[:, 0] << 22) | (h[:, 1] << 11) | h[:, 2]
-
-
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -214,32 +213,6 @@ def flag_value(meta: dict, name: str) -> int:
     return int(meta[key]) if key in meta else DIALS_FLAGS[name]
 
 
-def join_split_pieces(cols: dict, f_sum: int) -> tuple[dict, int]:
-    """Join the reflections dials.integrate split at a block boundary (same ``partial_id``).
-
-    Summation intensity, variance and partiality are summed (integrated_sum only if every piece has it); the
-    profile-fitted intensity and every other column are the piece's with the largest partiality (DIALS' profile
-    fit of each piece already estimates the whole reflection). Same rule as bench/compare_dials_integration.py.
-    """
-    if "partial_id" not in cols:
-        return cols, 0
-    pid = np.asarray(cols["partial_id"], np.int64)
-    uniq, inverse, counts = np.unique(pid, return_inverse=True, return_counts=True)
-    if len(uniq) == len(pid):
-        return cols, 0
-    n = len(uniq)
-    part = np.asarray(cols["partiality"], float)
-    order = np.lexsort((-part, inverse))
-    head = order[np.r_[True, inverse[order][1:] != inverse[order][:-1]]]
-    out = {k: np.asarray(v)[head] for k, v in cols.items()}
-    for k in ("intensity.sum.value", "intensity.sum.variance", "partiality"):
-        out[k] = np.bincount(inverse, weights=np.asarray(cols[k], float), minlength=n)
-    flags = np.asarray(cols["flags"], np.int64)
-    has = np.bincount(inverse, weights=((flags & f_sum) != 0).astype(float), minlength=n)
-    out["flags"] = np.where(has == counts, out["flags"] | f_sum, out["flags"] & ~f_sum)
-    return out, int(len(pid) - n)
-
-
 def dials_to_gpuflm(path: Path, *, full_fraction: float = 0.99, partials: str = "split") -> tuple[ReflectionTable, dict]:
     """DIALS' integrated reflections as a gpuflm integrated table (:data:`gpuflm.io.mtz.INTEGRATED_COLUMNS`).
 
@@ -257,7 +230,7 @@ def dials_to_gpuflm(path: Path, *, full_fraction: float = 0.99, partials: str = 
     """
     cols, meta = load_npz(path)
     f_sum, f_prf = flag_value(meta, "integrated_sum"), flag_value(meta, "integrated_prf")
-    cols, joined = join_split_pieces(cols, f_sum)
+    cols, joined = join_dials_pieces(cols, f_sum)
     flags = np.asarray(cols["flags"], np.int64)
     keep = (flags & (f_sum | f_prf)) != 0
     c = {k: np.asarray(v)[keep] for k, v in cols.items()}
