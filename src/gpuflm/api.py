@@ -101,7 +101,7 @@ class Session:
         **options
             Those of :func:`gpuflm.driver.pipeline.process`: ``overrides``,
             ``options`` (per step name, keyword arguments of its driver
-            function), ``steps``, ``backend``, ``wait``, ``block``,
+            function), ``steps``, ``backend``, ``wait``, ``block``, ``chunk``, ``index_after_deg``,
             ``overwrite``, ``allow_missing`` ...
         """
         from .driver.pipeline import process

@@ -26,6 +26,10 @@ frames appended to an Eiger/NeXus data set. Three pieces follow such a sweep:
   the whole sweep, as in a batch run. The one difference from a batch run:
   a hot pixel (strong on many consecutive images) is recognised within a
   block search only.
+
+Indexing and integration while the sweep is written (starting before it
+ends) are :class:`gpuflm.driver.live_integration.LiveIntegration`'s; it
+takes the spots found so far from :meth:`LiveSpotfinder.spots_so_far`.
 """
 
 from __future__ import annotations
@@ -383,6 +387,29 @@ class LiveSpotfinder:
             self._next = last + 1
         self._last = last
         return new_rows
+
+    def spots_so_far(self, experiment: Experiment) -> Any:
+        """The spots of the groups closed so far, with the step's filters applied over the images searched so
+        far (indexing and refinement while the sweep is written). Groups still open at the last image are
+        not in it, and a filter over the whole sweep (hot pixels) may still change its mind at :meth:`finish`.
+
+        Parameters
+        ----------
+        experiment : Experiment
+            The sweep as it is now.
+        """
+        from .steps.spotfind import filter_and_summarise
+        from .table import ReflectionTable
+
+        kept = [g for g in self._groups if len(g)]
+        if not kept:
+            return ReflectionTable()
+        groups = ReflectionTable.concatenate(kept)
+        groups = groups.select(np.arange(len(groups)))
+        numbers = sorted(self._per_image)
+        spots, _ = filter_and_summarise(experiment, self.config, groups, numbers, dict(self._per_image),
+                                        self.experiment_id, lambda *a, **k: None)
+        return spots
 
     def finish(self, experiment: Experiment) -> Any:
         """Close the groups still open, apply the step's filters over the whole sweep; a SpotfindResult.

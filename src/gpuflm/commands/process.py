@@ -22,7 +22,8 @@ DESCRIPTION = (
     "keeps the steps before it, and each step can be run again on its own (gpuflm STEP SESSION_DIR ...). Give a "
     "step the options of its own command with --STEP-options='...'. With --batch SCRIPT, write those commands "
     "into a shell script instead of running them. With --wait SECONDS, follow a sweep that is still being "
-    "written: spots are found as images arrive, until none has come for SECONDS.")
+    "written: spots are found as images arrive, the crystal is indexed once --index-after degrees are in, and "
+    "the sweep is integrated in chunks as their images arrive, until none has come for SECONDS.")
 
 
 def _step_command(name: str) -> Any:
@@ -50,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SECONDS (give the first image, the template or the NeXus master file)")
     g.add_argument("--block", type=int, default=10, metavar="N",
                    help="with --wait: find spots in blocks of N new images (default 10)")
+    g.add_argument("--chunk", type=int, metavar="N",
+                   help="with --wait: integrate in chunks of N images as they arrive (default: 10 degrees' worth)")
+    g.add_argument("--index-after", type=float, metavar="DEGREES", dest="index_after",
+                   help="with --wait: index once this much rotation has been collected (default 5)")
     g = p.add_argument_group("options of the steps (each takes the options of its own command)")
     for step in STEPS:
         g.add_argument(f"--{step.name}-options", metavar="'OPTIONS'", default="",
@@ -166,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     for step_name in [s.name for s in STEPS if s not in chosen]:
         if getattr(args, f"options_{step_name.replace('-', '_')}"):
             raise GpuflmError(f"--{step_name}-options given, but this run does not include {step_name}")
+    if args.wait is None and (args.chunk is not None or args.index_after is not None):
+        raise GpuflmError("--chunk and --index-after are for a sweep followed while it is written: give --wait")
     if args.batch:
         if args.wait is not None:
             raise GpuflmError("--batch writes separate commands; following a growing sweep (--wait) needs "
@@ -200,15 +207,18 @@ def run(args: argparse.Namespace) -> int:
 
     def on_block(info: dict) -> None:
         if talk:
+            done = info.get("integrated_to")
+            state = ("integrated to image " + str(done)) if done else ("indexed" if info.get("indexed") else "")
             print(f"  live         images {info['first']}-{info['last']} complete; spots searched on "
-                  f"{info['searched']} image(s)", file=sys.stderr)
+                  f"{info['searched']} image(s){'; ' + state if state else ''}", file=sys.stderr)
 
     from . import import_images
 
     try:
         doc = process(args.images, session, overrides=import_images.overrides_from_args(args),
                       allow_missing=args.allow_missing, overwrite=args.overwrite, options=options, steps=names, backend=args.backend,
-                      wait=args.wait, block=args.block, progress=progress, on_step=on_step, on_block=on_block)
+                      wait=args.wait, block=args.block, chunk=args.chunk, index_after_deg=args.index_after,
+                      progress=progress, on_step=on_step, on_block=on_block)
     finally:
         for bar in bars:
             bar.close()

@@ -55,11 +55,8 @@ def index(
         (with the usual causes as the hint).
     """
     from ..backends import get_backend
-    from ..io.atomic import write_text_atomic
-    from ..io.tables import read_table, write_tables
-    from ..models.dials import experiments_to_dials
-    from ..steps.index import IndexConfig, index_spots
-    from ..table import ReflectionTable
+    from ..io.tables import read_table
+    from ..steps.index import IndexConfig
 
     config = config or IndexConfig()
     t0 = time.perf_counter()
@@ -79,8 +76,41 @@ def index(
             raise GpuflmError(f"sector {s} does not exist (the session has {n_sectors})")
     if not chosen:
         raise GpuflmError("the spot table has no spots", path=spots_path, hint="run 'gpuflm find-spots' again")
-    entry_id = len(session.history) + 1
-    experiments = list(session.experiments)
+    run = index_sectors(session.experiments, spots, chosen, config, be, mosaicity=mosaicity, progress=progress)
+    params = {"config": to_json(config.to_dict()), "sectors": chosen, "backend": be.name, "mosaicity": mosaicity}
+    return record_index(session, run, params, seconds=time.perf_counter() - t0)
+
+
+@dataclasses.dataclass
+class IndexRun:
+    """What :func:`index_sectors` found, before anything is written (see :func:`record_index`)."""
+
+    experiments: list  # the session's experiments, indexed sectors with their chosen crystal
+    lattices: list  # one experiment per lattice (DIALS' experiment list)
+    indexed_tables: list
+    solution_tables: list
+    sector_docs: list
+    warnings: list
+    backend: str
+
+
+def index_sectors(experiments: Sequence[Any], spots: Any, chosen: Sequence[int], config: Any, backend: Any, *,
+                  mosaicity: bool = True, progress: Any = None) -> IndexRun:
+    """Index the spots of the ``chosen`` (1-based) sectors of ``experiments``; nothing is written.
+
+    ``gpuflm index`` runs it on the session's spot table; live processing
+    runs it on the spots of the images collected so far.
+
+    Raises
+    ------
+    GpuflmError
+        A sector without spots, too few spots, or no lattice.
+    """
+    from ..steps.index import index_spots
+
+    be = backend
+    sector_id = np.asarray(spots["id"], dtype=np.int64) if "id" in spots else np.zeros(len(spots), np.int64)
+    experiments = list(experiments)
     all_lattices: list[Any] = []
     indexed_tables, solution_tables, sector_docs, warnings = [], [], [], []
     for k, s in enumerate(chosen):
@@ -121,13 +151,26 @@ def index(
         warnings += [{**w, "sector": s} for w in result.warnings]
         if progress is not None:
             progress(s, k + 1, len(chosen))
+    return IndexRun(experiments=experiments, lattices=all_lattices, indexed_tables=indexed_tables,
+                    solution_tables=solution_tables, sector_docs=sector_docs, warnings=warnings, backend=be.name)
+
+
+def record_index(session: Session, run: IndexRun, params: dict, *, seconds: float) -> dict:
+    """Write an :class:`IndexRun` into the session as ``gpuflm index`` does (tables, .expt, models, warnings,
+    history entry); its JSON summary."""
+    from ..io.atomic import write_text_atomic
+    from ..io.tables import write_tables
+    from ..models.dials import experiments_to_dials
+    from ..table import ReflectionTable
+
+    entry_id = len(session.history) + 1
     out = session.path / "index" / f"indexed_{entry_id:03d}.h5"
     expt = session.path / "index" / f"indexed_{entry_id:03d}.expt"
-    params = {"config": to_json(config.to_dict()), "sectors": chosen, "backend": be.name, "mosaicity": mosaicity}
-    write_tables(out, {"reflections": ReflectionTable.concatenate(indexed_tables),
-                       "solutions": ReflectionTable.concatenate(solution_tables)},
+    write_tables(out, {"reflections": ReflectionTable.concatenate(run.indexed_tables),
+                       "solutions": ReflectionTable.concatenate(run.solution_tables)},
                  meta={"step": "index", **params})
-    write_text_atomic(expt, json.dumps(experiments_to_dials(all_lattices), indent=2), overwrite=False)
+    write_text_atomic(expt, json.dumps(experiments_to_dials(run.lattices), indent=2), overwrite=False)
+    sector_docs = run.sector_docs
     first = sector_docs[0]
     summary = {
         "solutions": first["solutions"],
@@ -136,11 +179,11 @@ def index(
         "sectors": sector_docs,
         "indexed_table": str(out),
         "experiments_file": str(expt),
-        "backend": be.name,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "backend": run.backend,
+        "seconds": round(seconds, 3),
     }
-    session.experiments = experiments
-    for w in warnings:
+    session.experiments = list(run.experiments)
+    for w in run.warnings:
         session.warn(w["message"], step="index", severity=w["severity"], sector=w["sector"])
     session.outputs["index"] = session.relpath(out)
     session.outputs["index-experiments"] = session.relpath(expt)

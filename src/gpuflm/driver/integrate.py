@@ -157,10 +157,8 @@ def integrate(
     """
     from ..backends import get_backend
     from ..io.mtz import write_unmerged_mtz
-    from ..io.tables import write_tables
-    from ..steps.integrate import IntegrateConfig, remove_checkpoint, resolution_statistics
+    from ..steps.integrate import IntegrateConfig
     from ..steps.integrate import integrate as run_step
-    from ..table import ReflectionTable
 
     t0 = time.perf_counter()
     config = config or IntegrateConfig()
@@ -214,6 +212,28 @@ def integrate(
         warnings += [{**w, "sector": s} for w in result.warnings]
     if not results:
         raise GpuflmError(f"none of the images {list(images or [])[:5]} are in the chosen sectors")
+    params = {"config": config.to_dict(), "images": list(images) if images is not None else None,
+              "sectors": [s for s, _ in results], "backend": be.name}
+    return record_integration(session, results, experiments, config, params, block_mtz=block_mtz,
+                              warnings=warnings, seconds=time.perf_counter() - t0)
+
+
+def record_integration(session: Session, results: Sequence[tuple[int, Any]], experiments: Sequence[Any], config: Any,
+                       params: dict, *, block_mtz: Sequence[str] = (), warnings: Sequence[dict] = (),
+                       seconds: float) -> dict:
+    """Write integration results into the session as ``gpuflm integrate`` does: the reflection table and
+    MTZ, the models, warnings and the history entry; its JSON summary (see :func:`integrate`).
+
+    ``results`` holds ``(sector, IntegrateResult)`` pairs; ``experiments`` the
+    session's experiments as integrated (batch offsets set).
+    """
+    from ..io.mtz import write_unmerged_mtz
+    from ..io.tables import write_tables
+    from ..steps.integrate import remove_checkpoint, resolution_statistics
+    from ..table import ReflectionTable
+
+    entry_id = len(session.history) + 1
+    out_dir = session.path / "integrate"
 
     records = ReflectionTable.concatenate([r.reflections for _, r in results])
     per_image = ReflectionTable.concatenate([r.per_image_stats for _, r in results])
@@ -235,8 +255,6 @@ def integrate(
     mtz_records["id"] = np.array([position[int(i)] for i in records["id"]], dtype=np.int32)
     table_path = out_dir / f"integrated_{entry_id:03d}.h5"
     mtz_path = out_dir / f"integrated_{entry_id:03d}.mtz"
-    params = {"config": config.to_dict(), "images": list(images) if images is not None else None,
-              "sectors": [s for s, _ in results], "backend": be.name}
     tables = {"reflections": records, "images": per_image, "resolution_bins": bins,
               "blocks": ReflectionTable.concatenate(blocks)}
     if profiles:
@@ -257,16 +275,16 @@ def integrate(
         "counts": counts,
         "mtz": str(mtz_path),
         "reflection_table": str(table_path),
-        "per_block_mtz": block_mtz,
+        "per_block_mtz": list(block_mtz),
         "cell": _refined_cell(session, used),
         "resolution_estimate": bins.meta.get("resolution_estimate"),
         "sectors": [{"sector": s, **r.summary()} for s, r in results],
         "images": _rows(per_image),
-        "backend": be.name,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "backend": params["backend"],
+        "seconds": round(seconds, 3),
         "changed_parameters": config.changes(),
     }
-    session.experiments = experiments
+    session.experiments = list(experiments)
     for w in warnings:
         session.warn(w["message"], step="integrate", severity=w.get("severity", "warning"), image=w.get("image"),
                      sector=w.get("sector"))

@@ -19,6 +19,7 @@ import`` would) and its spot table; the later steps then run as usual.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import logging
@@ -200,6 +201,8 @@ def process(
     backend: str = "auto",
     wait: float | None = None,
     block: int = 10,
+    chunk: int | None = None,
+    index_after_deg: float | None = None,
     progress: Callable[[str], Callable | None] | None = None,
     on_step: Callable[[str, dict], None] | None = None,
     on_block: Callable[[dict], None] | None = None,
@@ -230,14 +233,25 @@ def process(
         master file).
     block : int
         With ``wait``: images per live spot-finding block.
+    chunk : int, optional
+        With ``wait``: images per live integration chunk (default 10 degrees' worth).
+    index_after_deg : float, optional
+        With ``wait``: rotation collected before live indexing is tried (default 5 degrees).
     progress : callable(step name) -> progress callback or None, optional
         Gives each step its progress callback (e.g. a :class:`~gpuflm.progress.ProgressBars`).
     on_step : callable(step name, summary), optional
         Called after each step that succeeded.
     on_block : callable(dict), optional
         With ``wait``: called after each live block with ``first``, ``last``
-        (the images complete so far), ``images`` (new in this block) and
-        ``searched`` (images searched so far, repeats included).
+        (the images complete so far), ``images`` (new in this block),
+        ``searched`` (images searched so far, repeats included), ``indexed``
+        and ``integrated_to`` (the last image whose reflections are
+        integrated, or None).
+
+    With ``wait`` and the steps find-spots, index and integrate, indexing and
+    integration start while the sweep is collected
+    (:class:`gpuflm.driver.live_integration.LiveIntegration`); refine-cell is
+    then not run (the cell is refined against every strong spot instead).
 
     Returns
     -------
@@ -270,19 +284,39 @@ def process(
         if len(inputs) != 1:
             raise GpuflmError(f"--wait follows one sweep: give its first image, template or master file "
                               f"(got {len(inputs)} inputs)")
-        spot_options = options.pop("find-spots", {}) if any(s.name == "find-spots" for s in chosen) else None
+        names = {s.name for s in chosen}
+        spot_options = options.pop("find-spots", {}) if "find-spots" in names else None
+        integration = None
+        if spot_options is not None and {"index", "integrate"} <= names:
+            integration = live_integration(options.pop("index", {}), options.pop("integrate", {}), backend=backend,
+                                           chunk=chunk, index_after_deg=index_after_deg)
         live_summary = process_live(inputs[0], session_dir, wait=wait, block=block, overrides=overrides,
                                     allow_missing=allow_missing, overwrite=overwrite, spot_options=spot_options,
-                                    backend=backend, on_block=on_block)
+                                    backend=backend, on_block=on_block, integration=integration)
         seconds = round(time.perf_counter() - t0, 3)
         ran.append({"step": "import", "seconds": seconds, "live": True})
         if on_step is not None:
             on_step("import", {"session": os.fspath(session_dir)})
-        if spot_options is not None:  # found while the sweep was written
-            chosen = [s for s in chosen if s.name != "find-spots"]
-            ran.append({"step": "find-spots", "seconds": seconds, "live": True})
-            if on_step is not None:
-                on_step("find-spots", live_summary)
+        live_steps = {"find-spots": live_summary} if spot_options is not None else {}
+        if integration is not None:
+            live_steps.update({"index": integration.index_summary, "integrate": integration.integrate_summary})
+        skip_refine = integration is not None and "refine-cell" in names
+        if skip_refine:
+            reason = ("the sweep was integrated while it was collected (--wait): post-refinement, which needs "
+                      "segments 90 degrees apart, was replaced by refining the cell against every strong spot")
+            session = Session.load(session_dir)
+            session.warn(f"refine-cell skipped: {reason}", step="refine-cell", severity="info")
+            session.save()
+        for step in STEPS:  # what was done while the sweep was written, in the registry's order
+            if step.name in live_steps:
+                ran.append({"step": step.name, "seconds": seconds, "live": True})
+                if on_step is not None:
+                    on_step(step.name, live_steps[step.name])
+            elif step.name == "refine-cell" and skip_refine:
+                ran.append({"step": step.name, "seconds": 0.0, "skipped": True, "reason": reason})
+                if on_step is not None:
+                    on_step(step.name, {"skipped": reason})
+        chosen = [s for s in chosen if s.name not in live_steps and not (skip_refine and s.name == "refine-cell")]
     for step in chosen:
         t = time.perf_counter()
         bar = progress(step.name) if progress is not None else None
@@ -338,6 +372,7 @@ def process_live(
     backend: str = "auto",
     on_block: Callable[[dict], None] | None = None,
     poll_interval: float | None = None,
+    integration: Any = None,
 ) -> dict:
     """Import a sweep that is still being written and (unless ``spot_options`` is None) find its spots as it
     grows.
@@ -366,6 +401,11 @@ def process_live(
         See :func:`process`.
     poll_interval : float, optional
         Seconds between looks at the disk (default :func:`gpuflm.live.follow`'s).
+    integration : LiveIntegration, optional
+        Index and integrate while the sweep is written (needs ``spot_options``);
+        the session then also gets the ``index`` and ``integrate`` entries, and
+        their summaries are left in ``integration.index_summary`` and
+        ``integration.integrate_summary``.
 
     Returns
     -------
@@ -398,9 +438,13 @@ def process_live(
         if session is None:
             session = Session.create(session_dir, [experiment], overwrite=overwrite)
         rows = finder.add(experiment) if finder is not None else []
+        if integration is not None and rows:
+            integration.update(experiment, lambda: finder.spots_so_far(experiment))
         if on_block is not None:
             on_block({"first": sweep.first, "last": last, "images": len(rows),
-                      "searched": finder.searched_images if finder is not None else 0})
+                      "searched": finder.searched_images if finder is not None else 0,
+                      "indexed": integration is not None and integration.indexed,
+                      "integrated_to": integration.integrated_to if integration is not None else None})
     assert session is not None  # follow() raises when no image came
     experiments = sweep.final_experiments(allow_missing=allow_missing)
     session.experiments = experiments
@@ -420,7 +464,57 @@ def process_live(
                           "without spots", path=source, hint=f"run 'gpuflm find-spots {session.path}'")
     result = finder.finish(experiments[0])
     summary = _write_spotfinding(session, result, finder, time.perf_counter() - t0, wait=wait, block=block)
+    if integration is not None:
+        _finish_live_integration(session, integration, experiments[0], result.spots)
     return summary
+
+
+def live_integration(index_options: dict | None, integrate_options: dict | None, *, backend: str,
+                     chunk: int | None = None, index_after_deg: float | None = None) -> Any:
+    """A :class:`~gpuflm.driver.live_integration.LiveIntegration` from the index and integrate steps' options
+    (``config``, ``mosaicity``; ``config``, ``block_size``, ``d_min``)."""
+    from ..steps.integrate import IntegrateConfig
+    from .live_integration import INDEX_AFTER_DEG, LiveIntegration
+
+    index_options, integrate_options = dict(index_options or {}), dict(integrate_options or {})
+    for step, opts, allowed in (("index", index_options, {"config", "mosaicity", "backend"}),
+                                ("integrate", integrate_options, {"config", "block_size", "d_min", "backend"})):
+        extra = sorted(k for k, v in opts.items() if k not in allowed and v is not None)
+        if extra:
+            raise GpuflmError(f"live {step} works on the one sweep being collected; it takes no {', '.join(extra)}")
+    config = integrate_options.get("config") or IntegrateConfig()
+    changes = {k: integrate_options[k] for k in ("block_size", "d_min") if integrate_options.get(k) is not None}
+    if changes:
+        try:
+            config = dataclasses.replace(config, **changes)
+        except ValueError as exc:
+            raise GpuflmError(f"bad integration setting: {exc}") from exc
+    return LiveIntegration(index_config=index_options.get("config"), integrate_config=config,
+                           backend=integrate_options.get("backend") or backend,
+                           index_after_deg=INDEX_AFTER_DEG if index_after_deg is None else index_after_deg,
+                           chunk=chunk, mosaicity=index_options.get("mosaicity", True) is not False)
+
+
+def _finish_live_integration(session: Session, integration: Any, experiment: Any, spots: Any) -> None:
+    """Integrate what is left of the finished sweep and record ``index`` and ``integrate`` in the session."""
+    from ..jsonutil import to_json
+    from .indexing import record_index
+    from .integrate import record_integration
+
+    result = integration.finish(experiment, spots)
+    live = integration.summary()
+    run = integration.final_index_run(experiment)
+    params = {"config": to_json(integration.index_config.to_dict()), "sectors": [1],
+              "backend": integration.backend.name, "mosaicity": integration.mosaicity,
+              "live": {k: live[k] for k in ("index_after_deg", "indexed_on_images", "index_attempts")}}
+    integration.index_summary = record_index(session, run, params, seconds=integration.index_seconds)
+    config = integration.config
+    params = {"config": config.to_dict(), "images": None, "sectors": [1], "backend": integration.backend.name,
+              "live": {k: live[k] for k in ("chunks", "during_collection")}}
+    warnings = [{**w, "sector": 1} for w in result.warnings + integration.refine_warnings]
+    seconds = sum(c.seconds for c in integration.chunks)
+    integration.integrate_summary = record_integration(session, [(1, result)], session.experiments, config, params,
+                                                       warnings=warnings, seconds=seconds)
 
 
 def _write_spotfinding(session: Session, result: Any, finder: Any, seconds: float, *, wait: float,

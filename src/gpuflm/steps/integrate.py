@@ -1547,6 +1547,58 @@ def assemble(plan: _Plan, inputs: Sequence[_BlockInput], refl: Sequence[Reflecti
         sigma_m=plan.sigma_m, sigma_b=plan.sigma_b, d_min=plan.d_min, block_size=plan.block_size)
 
 
+def combine_results(parts: Sequence[IntegrateResult], *, resolution_bins: int = 10) -> IntegrateResult:
+    """One result from the results of consecutive image ranges of one sweep (live processing's chunks).
+
+    Records, per-image rows, blocks and per-reflection statistics are joined
+    in order (``reflection`` numbers made unique); counts are summed; the
+    I/sigma-by-resolution statistics are made again from all reflections.
+    The reference profiles and their table are those of the part with the
+    most reflections (each part formed its own); ``sigma_m``/``sigma_b`` are
+    the reflection-weighted means of the parts'.
+    """
+    parts = [p for p in parts if len(p.reflection_stats)]
+    if not parts:
+        raise GpuflmError("no reflections were integrated on the chosen images",
+                          hint="check the resolution limit, the images and the crystal model")
+    records, offset = [], 0
+    for p in parts:
+        r = p.reflections.select(np.arange(len(p.reflections)))
+        if "reflection" in r:
+            r["reflection"] = np.asarray(r["reflection"], dtype=np.int64) + offset
+        records.append(r)
+        offset += len(p.reflection_stats)
+    stats = ReflectionTable.concatenate([p.reflection_stats for p in parts])
+    bins = resolution_statistics(np.asarray(stats["d"]), np.asarray(stats["i_over_sigma"]), np.asarray(stats["full"]),
+                                 int(resolution_bins))
+    counts: dict = {}
+    for p in parts:
+        for k, v in p.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    warnings, seen = [], set()
+    for p in parts:
+        for w in p.warnings:
+            key = (w.get("severity"), w.get("message"), w.get("image"))
+            if key not in seen:
+                seen.add(key)
+                warnings.append(w)
+    refined: dict[int, Experiment] = {}
+    for p in parts:
+        refined.update(p.refined_experiments_per_image)
+    weight = np.array([len(p.reflection_stats) for p in parts], dtype=np.float64)
+    main = parts[int(np.argmax(weight))]
+    return IntegrateResult(
+        reflections=ReflectionTable.concatenate(records),
+        per_image_stats=ReflectionTable.concatenate([p.per_image_stats for p in parts]),
+        refined_experiments_per_image=refined, profiles=main.profiles, warnings=warnings, resolution_bins=bins,
+        profile_table=main.profile_table,
+        blocks=ReflectionTable.concatenate([p.blocks for p in parts if len(p.blocks)]), counts=counts,
+        reflection_stats=stats,
+        sigma_m=float(np.average([p.sigma_m for p in parts], weights=weight)),
+        sigma_b=float(np.average([p.sigma_b for p in parts], weights=weight)),
+        d_min=min(p.d_min for p in parts), block_size=main.block_size)
+
+
 def status_counts() -> dict[str, int]:
     """Per-image count columns and the kernel's status bits they count."""
     from . import integrate_block as ib
@@ -1559,6 +1611,7 @@ __all__ = [
     "IntegrateResult",
     "RECORD_MODES",
     "auto_block_size",
+    "combine_results",
     "integrate",
     "resolution_estimate",
     "smooth_parameters",
