@@ -15,11 +15,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from test_report import add_constructed_steps
-
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
          "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0")
+#: The report's sections that a whole run fills (each step's own).
+REAL_SECTIONS = ("overview", "spot-finding", "indexing", "refinement", "integration", "symmetry", "scaling")
 #: matplotlib's first series colour (tab:blue), drawn by every line plot of the report.
 PLOT_BLUE = np.array([31, 119, 180]) / 255.0
 
@@ -49,20 +49,18 @@ def browser() -> str:
 
 
 @pytest.fixture(scope="module")
-def report(browser, tmp_path_factory):
-    """The report of a session with spot finding (real) and every later step (documented layout)."""
+def report(browser, small_sweep, tmp_path_factory):
+    """The report of a real run: ``gpuflm process`` on a simulated 8-image sweep (spot finding, indexing,
+    integration, QuickSymm and QuickScale on real data)."""
     from gpuflm.cli import main
-    from gpuflm.driver.report import write_report
-    from gpuflm.simulate import SimulationConfig, simulate_to_directory
 
     root = tmp_path_factory.mktemp("browser")
-    simulate_to_directory(root / "img", SimulationConfig(image_size=(487, 407), distance=120.0, n_images=6,
-                                                         oscillation=0.5, cell=(40.0, 45.0, 50.0, 90, 90, 90),
-                                                         space_group="P 21 21 21", seed=2))
-    assert main(["import", str(root / "img" / "sim_00001.cbf"), "-o", str(root / "s")]) == 0
-    assert main(["find-spots", str(root / "s"), "--backend", "numpy", "--no-annulus", "-q"]) == 0
-    add_constructed_steps(root / "s")
-    return write_report(root / "s", images=2)["report"]
+    assert main(["process", str(small_sweep), "-o", str(root / "s"), "--backend", "numpy", "-q"]) == 0
+    path = root / "s" / "report.html"
+    html = path.read_text()
+    for section in REAL_SECTIONS:  # every step's section was filled from the run
+        assert f'<section id="{section}">' in html, section
+    return str(path)
 
 
 def test_every_picture_loads_and_the_console_is_clean(browser, report, tmp_path):
