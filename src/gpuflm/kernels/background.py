@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .segments import Segments, scatter_add, segment_sum
+from .segments import Segments, segment_sum, sorted_scatter_add
 
 #: DIALS' Huber tuning constant for the GLM background.
 HUBER_C = 1.345
@@ -146,8 +146,8 @@ def robust_poisson_mean(xp: Any, values: Any, use: Any, units: Segments, *, c: f
         inside = xp.astype(xp.abs(r) < c, xp.float64)
         # Newton on g(mu) = mean psi - E_mu psi: d psi / d mu = -(1 + y / mu) / (2 sqrt(mu)) inside the clip
         dpsi = inside * (-0.5 / root_px) * (1.0 + v / mu_px)
-        g = _ratio(xp, scatter_add(ids, psi, count, xp=xp), n) - _interp(xp, xp.log(mu), log_mu, table)
-        dg = _ratio(xp, scatter_add(ids, dpsi, count, xp=xp), n) - _interp(xp, xp.log(mu), log_mu, slope) / mu
+        g = _ratio(xp, sorted_scatter_add(ids, psi, count, xp=xp), n) - _interp(xp, xp.log(mu), log_mu, table)
+        dg = _ratio(xp, sorted_scatter_add(ids, dpsi, count, xp=xp), n) - _interp(xp, xp.log(mu), log_mu, slope) / mu
         step = xp.where(dg < 0, -g / xp.where(dg < 0, dg, -1.0), xp.sqrt(mu) * g)
         new = xp.maximum(xp.minimum(mu + step, mu * 10.0), mu * 0.1)
         new = xp.where(converged, mu, new)

@@ -2,8 +2,8 @@
 
 The elements are grouped by a non-negative integer segment id with one
 stable sort; every reduction then works on the grouped arrays. Sums use
-``bincount`` on NumPy and CuPy (per-segment accumulation, no cross-talk
-between segments) and a cumulative sum with differences at the segment
+``add.reduceat`` over the contiguous segments on NumPy and ``bincount`` on
+CuPy (per-segment accumulation, no cross-talk between segments) and a cumulative sum with differences at the segment
 boundaries on any other array-API namespace; for integer-valued data both
 are exact, so all backends agree bit for bit. (For non-integer data the
 fallback's error is about ``eps`` times the running total before a segment,
@@ -107,11 +107,48 @@ def segment_sum(values: Any, segments: Segments, *, xp: Any | None = None) -> An
     """
     xp = xp or array_namespace(values)
     values = xp.astype(values, xp.float64, copy=False)
+    if xp is np:
+        return _reduceat(values, np.asarray(segments.starts), np.asarray(segments.ends), segments.count)
     bincount = _bincount(xp)
     if bincount is not None:
         return bincount(segments.ids, weights=values, minlength=segments.count)[: segments.count]
     csum = xp.cumulative_sum(values, include_initial=True)
     return xp.take(csum, segments.ends) - xp.take(csum, segments.starts)
+
+
+def _reduceat(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, count: int) -> np.ndarray:
+    """NumPy: sums of the contiguous ranges ``starts[s]:ends[s]`` (which tile ``values``) by ``add.reduceat``,
+    an order of magnitude faster than a weighted ``bincount`` on the CPU (each range summed on its own)."""
+    out = np.zeros(int(count), dtype=np.float64)
+    if values.shape[0] == 0 or count == 0:
+        return out
+    filled = np.flatnonzero(ends > starts)
+    if filled.size:
+        out[filled] = np.add.reduceat(values, starts[filled])
+    return out
+
+
+def sorted_scatter_add(keys: Any, values: Any, count: int, *, xp: Any | None = None) -> Any:
+    """:func:`scatter_add` for ``keys`` in ascending order (a segment layout that lost some elements):
+    ``add.reduceat`` over the runs of equal keys on NumPy, :func:`scatter_add` elsewhere.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sorted_scatter_add(np.array([0, 0, 2]), np.array([1.0, 2.0, 3.0]), 4).tolist()
+    [3.0, 0.0, 3.0, 0.0]
+    """
+    xp = xp or array_namespace(values)
+    if xp is not np:
+        return scatter_add(keys, values, count, xp=xp)
+    keys = np.asarray(keys)
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros(int(count), dtype=np.float64)
+    if keys.shape[0] == 0:
+        return out
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    out[keys[starts]] = np.add.reduceat(values, starts)
+    return out
 
 
 def scatter_add(keys: Any, values: Any, count: int, *, xp: Any | None = None) -> Any:
@@ -174,4 +211,5 @@ def segment_first_max(values: Any, segments: Segments, *, xp: Any | None = None)
     return xp.take(perm, segments.starts)
 
 
-__all__ = ["Segments", "group_by_segment", "scatter_add", "segment_first_max", "segment_min_max", "segment_sum"]
+__all__ = ["Segments", "group_by_segment", "scatter_add", "segment_first_max", "segment_min_max", "segment_sum",
+           "sorted_scatter_add"]

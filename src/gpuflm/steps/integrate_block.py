@@ -35,8 +35,10 @@ is array code on the backend (NumPy, CuPy; the pure parts also run on
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -128,6 +130,11 @@ class IntegrationConfig:
         and 2^24 on a GPU.
     fit_batch_cells : int
         Grid cells per profile-fitting batch (reflections x g^3; memory bound).
+    cpu_threads : int or None
+        On the CPU, batches measured at once by this many threads (NumPy
+        leaves the interpreter lock while it works on large arrays); None:
+        every core (``os.cpu_count()``). The results do not depend on it
+        (batches are independent and joined in order). Ignored on a GPU.
     """
 
     n_sigma: float = DEFAULT_N_SIGMA
@@ -153,6 +160,7 @@ class IntegrationConfig:
     negative_sigma: float = 5.0
     max_pixels: int | None = None
     fit_batch_cells: int = 1 << 22
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.background not in ("auto", *bgk.METHODS):
@@ -172,6 +180,8 @@ class IntegrationConfig:
         object.__setattr__(self, "profile_regions", regions)
         if self.max_pixels is not None and int(self.max_pixels) < 1:
             raise ValueError(f"max_pixels must be >= 1 or None; got {self.max_pixels!r}")
+        if self.cpu_threads is not None and int(self.cpu_threads) < 1:
+            raise ValueError(f"cpu_threads must be >= 1 or None; got {self.cpu_threads!r}")
         for name in ("profile_min_count", "fit_max_iter", "fit_batch_cells"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
@@ -711,22 +721,44 @@ def integrate_block(
     npix = (bbox[:, 1] - bbox[:, 0]) * (bbox[:, 3] - bbox[:, 2]) * (bbox[:, 5] - bbox[:, 4])
     budget = config.max_pixels or (CUDA_BATCH_PIXELS if is_device_array(frames) else CPU_BATCH_PIXELS)
     ranges = _batches(npix, int(budget))
-    batches = [_prepare(xp, experiment, predictions, order[a:b], sigma_m) for a, b in ranges]
-    # the cores of every reflection of the block, for the overlap marks (one batch: its own, in _measure)
-    merged = None
-    if len(batches) > 1:
-        claims = [sb.core_keys_of(experiment, bt.layout, first_frame, bt.c1, bt.c2, bt.c3,
-                                  delta_b=config.n_sigma * sigma_b, delta_m=xp.asarray(config.n_sigma * bt.sigma_m),
-                                  xp=xp) for bt in batches]
-        merged = xp.sort(xp.concat(claims))
-    layout_profiles = profiles if profiles is not None else accumulate
-    prof_id = profile_index(layout_profiles, experiment, panel, np.asarray(predictions["xyzcal.px"]))
+    # on the CPU, batches are prepared and measured by several threads (NumPy leaves the interpreter lock on
+    # large arrays); everything is joined in batch order, so the results do not depend on the threads
+    threads = 1 if xp is not np else min(len(ranges), int(config.cpu_threads or os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuflm-integrate") if threads > 1 else None
+
+    def each(fn: Any, items: Any) -> Iterator[Any]:
+        return pool.map(fn, items) if pool is not None else map(fn, items)
+
     results, pieces = [], []
-    for bt in batches:
-        r, p = _measure(xp, frames, first_frame, experiment, predictions, bt, merged, sigma_b, config, mask, profiles,
-                        accumulate, prof_id)
-        results.append(r)
-        pieces.append(p)
+    try:
+        batches = list(each(lambda r: _prepare(xp, experiment, predictions, order[r[0]:r[1]], sigma_m), ranges))
+        # the cores of every reflection of the block, for the overlap marks (one batch: its own, in _measure)
+        merged = None
+        if len(batches) > 1:
+            claims = list(each(lambda bt: sb.core_keys_of(
+                experiment, bt.layout, first_frame, bt.c1, bt.c2, bt.c3, delta_b=config.n_sigma * sigma_b,
+                delta_m=xp.asarray(config.n_sigma * bt.sigma_m), xp=xp), batches))
+            merged = sb.CoreClaims.of(xp.sort(xp.concat(claims)), xp=xp)
+        layout_profiles = profiles if profiles is not None else accumulate
+        prof_id = profile_index(layout_profiles, experiment, panel, np.asarray(predictions["xyzcal.px"]))
+
+        # each batch accumulates its own references; they are added in batch order (as one loop would)
+        def measure(k: int) -> tuple[dict, dict, ReferenceProfiles | None]:
+            own = None if accumulate is None else ReferenceProfiles.empty(experiment, config)
+            r, p = _measure(xp, frames, first_frame, experiment, predictions, batches[k], merged, sigma_b, config,
+                            mask, profiles, own, prof_id)
+            return r, p, own
+
+        for r, p, own in each(measure, range(len(batches))):
+            results.append(r)
+            pieces.append(p)
+            if accumulate is not None:
+                accumulate.sums += own.sums
+                accumulate.coverage += own.coverage
+                accumulate.counts += own.counts
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     cols = {c: np.empty(n, dtype=results[0][c].dtype) for c in results[0]}
     for bt, r in zip(batches, results):
         for c, v in r.items():
