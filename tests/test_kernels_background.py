@@ -339,6 +339,27 @@ def test_backends_agree(method, xp):
             np.testing.assert_array_equal(b, a, err_msg=k)
 
 
+@pytest.mark.parametrize("seed", [10, 11, 12])
+def test_compiled_glm_twin_equals_the_reference(seed):
+    """The compiled CPU twin of the GLM (default on NumPy) runs the reference's iteration unit by unit: the same
+    estimates to rounding and the same convergence flags, on mixed units with outliers, unusable pixels, an
+    empty unit, an all-zero unit and a unit that hits the iteration limit."""
+    rng = np.random.default_rng(seed)
+    sizes, values, use, _, _ = _mixed_units(rng)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    values[starts[7]:starts[7] + sizes[7]] = 0.0  # no count at all: the estimate is 0 at once
+    units = units_of(sizes)
+    for max_iter in (50, 2):
+        ref = bgk.robust_poisson_mean(np, values, use, units, max_iter=max_iter, compiled=False)
+        twin = bgk.robust_poisson_mean(np, values, use, units, max_iter=max_iter, compiled=True)
+        np.testing.assert_allclose(twin[0], ref[0], rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(twin[1], ref[1])
+        assert ref[0][5] == 0.0 and ref[0][7] == 0.0
+    assert not ref[1].all()  # two iterations leave some units unconverged
+    with pytest.raises(ValueError, match="NumPy arrays only"):
+        bgk.robust_poisson_mean(object(), values, use, units, compiled=True)
+
+
 # -- scatter_add ----------------------------------------------------------------------------------------------
 
 

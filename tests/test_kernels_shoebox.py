@@ -348,6 +348,56 @@ def test_extract_shoeboxes_rejects_boxes_outside_the_block(setup):
                              delta_m=np.full(len(layout), DELTA_M))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.uint16])
+@pytest.mark.parametrize("per_reflection", [False, True])
+def test_compiled_twin_equals_the_reference(setup, dtype, per_reflection):
+    """The compiled CPU twins (default on NumPy) give the reference path's data, masks, keys, core keys and
+    pixel Kabsch coordinates bit for bit: masks, module gaps, boxes off the panel, overloads, unsigned frames, scalar or per-box delta_b."""
+    experiment, layout, _, c1, c2, c3 = setup
+    frames = make_frames(seed=3, dtype=np.int32)
+    frames = np.where(frames < 0, 0, frames).astype(dtype) if dtype == np.uint16 else frames.astype(dtype)
+    delta_b = np.linspace(0.8, 1.2, len(layout)) * DELTA_B if per_reflection else DELTA_B
+    delta_m = np.linspace(0.9, 1.1, len(layout)) * DELTA_M
+    raw = np.ones(RAW_SHAPE, dtype=bool)
+    raw[8:10, 5:9] = False
+    for static_mask in (None, raw):
+        ref = sb.extract_shoeboxes(frames, 0, experiment, layout, c1, c2, c3, delta_b=delta_b, delta_m=delta_m,
+                                   static_mask=static_mask, compiled=False)
+        twin = sb.extract_shoeboxes(frames, 0, experiment, layout, c1, c2, c3, delta_b=delta_b, delta_m=delta_m,
+                                    static_mask=static_mask, compiled=True)
+        for a, b in zip(ref, twin):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(b, a)
+    keys = [sb.core_keys_of(experiment, layout, 0, c1, c2, c3, delta_b=delta_b, delta_m=delta_m, xp=np,
+                            compiled=c) for c in (False, True)]
+    np.testing.assert_array_equal(keys[1], keys[0])
+    np.testing.assert_array_equal(keys[0], sb.core_keys(ref[1], ref[2]))
+    # the corners' Kabsch coordinates (libm's exp and sqrt there, NumPy's here: equal to rounding)
+    import dataclasses
+
+    from gpuflm.models import Detector
+
+    _, _, s1, _, _ = reflections(experiment)
+    thick = experiment.replace(detector=Detector(tuple(dataclasses.replace(p, thickness=0.45, mu=3.96)
+                                                       for p in experiment.detector)))
+    assert thick.detector[0].parallax_active and not experiment.detector[0].parallax_active
+    for e in (experiment, thick):
+        ref_c = sb.kabsch_corners(e, layout, s1, compiled=False)
+        twin_c = sb.kabsch_corners(e, layout, s1, compiled=True)
+        for a, b in zip(ref_c, twin_c):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15)
+    # the pixels' Kabsch centres and volumes, all pixels or a selection
+    pick = np.arange(0, layout.n_pixels, 3)
+    for pixels in (None, pick):
+        ref = sb.pixel_kabsch(layout, c1, c2, c3, pixels=pixels, compiled=False)
+        twin = sb.pixel_kabsch(layout, c1, c2, c3, pixels=pixels, compiled=True)
+        for a, b in zip(ref, twin):
+            np.testing.assert_array_equal(b, a)
+    with pytest.raises(ValueError, match="NumPy arrays only"):
+        sb.core_keys_of(experiment, layout, 0, c1, c2, c3, delta_b=delta_b, delta_m=delta_m, xp=object(),
+                        compiled=True)
+
+
 # -- overlaps -----------------------------------------------------------------------------------------------------
 
 

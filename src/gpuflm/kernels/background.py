@@ -96,7 +96,8 @@ def _low_pixels(xp: Any, values: Any, use: Any, units: Segments) -> Any:
 
 
 def robust_poisson_mean(xp: Any, values: Any, use: Any, units: Segments, *, c: float = HUBER_C,
-                        max_iter: int = 50, tolerance: float = 1e-5) -> tuple[Any, Any]:
+                        max_iter: int = 50, tolerance: float = 1e-5, compiled: bool | None = None
+                        ) -> tuple[Any, Any]:
     """Huber M-estimate of a Poisson mean per unit (DIALS' GLM background, constant model).
 
     Newton steps on ``g(mu) = mean psi - E_mu psi`` (its derivative from the
@@ -114,6 +115,9 @@ def robust_poisson_mean(xp: Any, values: Any, use: Any, units: Segments, *, c: f
         The unit of each pixel (contiguous units).
     tolerance : float
         Relative change of ``mu`` (or 1e-3 x ``tolerance`` absolute) that ends a unit's iterations.
+    compiled : bool, optional
+        Run the compiled CPU twin (:mod:`gpuflm.kernels.background_cpu`, the
+        same iteration unit by unit, equal to rounding); default for NumPy arrays.
 
     Returns
     -------
@@ -123,6 +127,14 @@ def robust_poisson_mean(xp: Any, values: Any, use: Any, units: Segments, *, c: f
     """
     log_mu, table = consistency_table(float(c))
     slope = np.gradient(table, log_mu)  # d E / d log(mu)
+    if (xp is np) if compiled is None else compiled:
+        if xp is not np:
+            raise ValueError("the compiled twin works on NumPy arrays only")
+        from . import background_cpu
+
+        return background_cpu.robust_poisson_mean(values, use, units.starts, units.ends, c=float(c),
+                                                  max_iter=int(max_iter), tolerance=float(tolerance),
+                                                  log_mu=log_mu, table=table, slope=slope)
     log_mu, table, slope = xp.asarray(log_mu), xp.asarray(table), xp.asarray(slope)
     count = units.count
     w_use = xp.astype(use, xp.float64)
@@ -268,7 +280,8 @@ def background(xp: Any, method: str, values: Any, use: Any, x: Any, y: Any, unit
         r = (values - pixel) / xp.sqrt(xp.maximum(pixel, 1e-9))
         # pixels the Huber weights leave at full weight count as used
         used = use & (xp.abs(r) < max(huber_c * 3.0, 3.0))
-        (_, b, c), _ = plane_fit(xp, values, used, x, y, units, cycles=1)
+        # the plane of one fit-reject cycle's fit (its rejection would not change the coefficients)
+        _, b, c = _plane_solve(xp, values, xp.astype(_low_pixels(xp, values, used, units), xp.float64), x, y, units)
         mean, ok = mu, converged
     else:
         (a, b, c), used = plane_fit(xp, values, use, x, y, units, n_sigma=n_sigma, constant=(method == "constant"))

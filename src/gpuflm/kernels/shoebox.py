@@ -188,7 +188,8 @@ def _panel_groups(layout: ShoeboxLayout) -> list[tuple[int, int, int]]:
     return [(int(p[a]), int(a), int(b)) for a, b in zip(starts, stops)]
 
 
-def kabsch_corners(experiment: Experiment, layout: ShoeboxLayout, s1: Any, *, xp: Any = None) -> tuple[Any, Any]:
+def kabsch_corners(experiment: Experiment, layout: ShoeboxLayout, s1: Any, *, xp: Any = None,
+                   compiled: bool | None = None) -> tuple[Any, Any]:
     """Kabsch coordinates ``(c1, c2)`` of every pixel corner of every box (DIALS' ``from_beam_vector``).
 
     Parameters
@@ -201,6 +202,9 @@ def kabsch_corners(experiment: Experiment, layout: ShoeboxLayout, s1: Any, *, xp
         Each reflection's diffracted-beam vector (predicted).
     xp : namespace, optional
         Where to compute (default: ``s1``'s namespace).
+    compiled : bool, optional
+        The compiled CPU twin (:mod:`gpuflm.kernels.shoebox_cpu`; equal to
+        rounding); default for NumPy arrays.
 
     Returns
     -------
@@ -210,6 +214,10 @@ def kabsch_corners(experiment: Experiment, layout: ShoeboxLayout, s1: Any, *, xp
     """
     xp = _namespace(xp, s1)
     s1 = _to(xp, s1)
+    if _compiled(xp, compiled):
+        from . import shoebox_cpu
+
+        return shoebox_cpu.kabsch_corners(experiment, layout, s1)
     beam = experiment.beam
     s0_len = float(np.linalg.norm(beam.s0))
     c1_parts, c2_parts = [], []
@@ -390,6 +398,7 @@ def extract_shoeboxes(
     static_mask: Any = None,
     xp: Any = None,
     indices: tuple[Any, Any, Any, Any] | None = None,
+    compiled: bool | None = None,
 ) -> tuple[Any, Any, Any]:
     """Pixel values and mask codes of every box, gathered from a block of frames.
 
@@ -418,6 +427,9 @@ def extract_shoeboxes(
         Default: the frames' namespace.
     indices : tuple, optional
         :func:`pixel_indices` of the layout, when the caller has them.
+    compiled : bool, optional
+        Use the compiled CPU twin (:mod:`gpuflm.kernels.shoebox_cpu`, the same
+        results); default: for NumPy arrays.
 
     Returns
     -------
@@ -446,6 +458,10 @@ def extract_shoeboxes(
     if layout.n_pixels == 0:
         return (xp.zeros((0,), dtype=xp.float64), xp.zeros((0,), dtype=xp.int32), xp.zeros((0,), dtype=xp.int64))
     smask = raw_static_mask(det, static_mask, xp=xp)
+    if _compiled(xp, compiled):
+        from . import shoebox_cpu
+
+        return shoebox_cpu.extract(frames, first_frame, det, layout, c1, c2, c3, delta_b, delta_m, smask)
     pix = _pixels(xp, layout, det, first_frame, raw_shape, indices)
     flat = xp.reshape(frames, (-1,))
     value = _as_signed(xp, xp.take(flat, pix.key))
@@ -471,14 +487,27 @@ def extract_shoeboxes(
     return data, mask, pix.key
 
 
+def _compiled(xp: Any, compiled: bool | None) -> bool:
+    """Whether the compiled CPU twin runs: asked for, or by default for NumPy arrays."""
+    if compiled is None:
+        return xp is np
+    if compiled and xp is not np:
+        raise ValueError("the compiled twin works on NumPy arrays only")
+    return bool(compiled)
+
+
 def core_keys_of(experiment: Experiment, layout: ShoeboxLayout, first_frame: int, c1: Any, c2: Any, c3: Any, *,
                  delta_b: float | Any, delta_m: Any, xp: Any,
-                 indices: tuple[Any, Any, Any, Any] | None = None) -> Any:
+                 indices: tuple[Any, Any, Any, Any] | None = None, compiled: bool | None = None) -> Any:
     """Sorted raw positions of the core pixels of the boxes, without reading frames (the same pixels as
-    :func:`core_keys` of :func:`extract_shoeboxes`' output)."""
+    :func:`core_keys` of :func:`extract_shoeboxes`' output); ``compiled`` as there."""
     if layout.n_pixels == 0:
         return xp.zeros((0,), dtype=xp.int64)
     det = experiment.detector
+    if _compiled(xp, compiled):
+        from . import shoebox_cpu
+
+        return shoebox_cpu.core_keys(first_frame, det, layout, c1, c2, c3, delta_b, delta_m)
     pix = _pixels(xp, layout, det, first_frame, tuple(det.raw_image_shape), indices)
     dxy = _corner_distance(xp, layout, pix, _to(xp, c1), _to(xp, c2), delta_b)
     core = _core(xp, layout, pix, dxy, _to(xp, c3), delta_m) & pix.on_panel
@@ -501,35 +530,48 @@ class CoreClaims:
     """Core pixels claimed by reflections, ready for lookups (:func:`mark_overlaps`).
 
     On NumPy, when the raw positions span at most :data:`DENSE_CLAIMS_LIMIT`,
-    a dense table of claim counts (capped at 2) from the lowest position:
-    one gather per lookup instead of two binary searches of every pixel
-    (random access into millions of claims, the slowest part of a batch on
-    the CPU). Otherwise the sorted positions themselves.
+    a dense table of claim counts from the lowest position: one gather per
+    lookup instead of two binary searches of every pixel (random access into
+    millions of claims, the slowest part of a batch on the CPU), and no merge
+    of the batches' claims. Otherwise the sorted positions themselves.
     """
 
-    keys: Any  # sorted raw positions (always kept: other namespaces search them)
+    keys: Any  # sorted raw positions (None on the dense path)
     dense: np.ndarray | None = None
     low: int = 0
+    n: int = 0  # claims in all
 
     @classmethod
     def of(cls, keys: Any, *, xp: Any = None) -> CoreClaims:
-        """From sorted raw positions (:func:`core_keys`, :func:`core_keys_of`, several merged and sorted)."""
-        xp = _namespace(xp, keys)
-        n = int(keys.shape[0])
-        if xp is not np or n == 0:
-            return cls(keys)
-        keys = np.asarray(keys)
-        low, span = int(keys[0]), int(keys[-1]) - int(keys[0]) + 1
-        if span > DENSE_CLAIMS_LIMIT:
-            return cls(keys)
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        runs = np.diff(np.r_[starts, n])
-        dense = np.zeros(span, dtype=np.uint8)
-        dense[keys[starts] - low] = np.minimum(runs, 2)
-        return cls(keys, dense, low)
+        """From sorted raw positions (:func:`core_keys`, :func:`core_keys_of`)."""
+        return cls.of_pieces([keys], xp=xp)
+
+    @classmethod
+    def of_pieces(cls, pieces: Sequence[Any], *, xp: Any = None) -> CoreClaims:
+        """From several arrays of sorted raw positions (one per batch: a position may be in several)."""
+        pieces = [p for p in pieces if int(p.shape[0])]
+        xp = _namespace(xp, *pieces) if pieces else (xp or np)
+        n = sum(int(p.shape[0]) for p in pieces)
+        if n == 0:
+            return cls(xp.zeros((0,), dtype=xp.int64))
+        if xp is np:
+            low = min(int(p[0]) for p in pieces)
+            span = max(int(p[-1]) for p in pieces) - low + 1
+            if span <= DENSE_CLAIMS_LIMIT:
+                dense = np.zeros(span, dtype=np.uint8)
+                for p in pieces:
+                    p = np.asarray(p)
+                    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
+                    runs = np.minimum(np.diff(np.r_[starts, p.shape[0]]), 2).astype(np.uint8)
+                    at = p[starts] - low  # unique within a piece
+                    dense[at] = np.minimum(dense[at] + runs, 2)
+                return cls(None, dense, low, n)
+        keys = xp.sort(xp.concat(pieces)) if len(pieces) > 1 else pieces[0]
+        return cls(keys, n=n)
 
     def counts(self, key: Any, *, xp: Any) -> Any:
-        """How many reflections claim each position of ``key`` (capped at 2 on the dense path)."""
+        """How many reflections claim each position of ``key`` (capped at 2 on the dense path: enough to tell
+        another reflection's claim from a pixel's own)."""
         if self.dense is not None:
             pos = np.asarray(key) - self.low
             inside = (pos >= 0) & (pos < self.dense.shape[0])
@@ -559,13 +601,8 @@ def mark_overlaps(mask: Any, key: Any, claims: Sequence[Any] | Any, *, xp: Any =
     """
     xp = _namespace(xp, mask)
     if not isinstance(claims, CoreClaims):
-        if isinstance(claims, (list, tuple)):
-            claims = [c for c in claims if int(c.shape[0])]
-            if not claims:
-                return mask
-            claims = xp.sort(xp.concat(list(claims))) if len(claims) > 1 else claims[0]
-        claims = CoreClaims.of(claims, xp=xp)
-    if int(claims.keys.shape[0]) == 0 or int(mask.shape[0]) == 0:
+        claims = CoreClaims.of_pieces(list(claims) if isinstance(claims, (list, tuple)) else [claims], xp=xp)
+    if claims.n == 0 or int(mask.shape[0]) == 0:
         return mask
     n = claims.counts(key, xp=xp)
     own = xp.astype((mask & MASK_CORE) != 0, xp.int64)
@@ -575,7 +612,8 @@ def mark_overlaps(mask: Any, key: Any, claims: Sequence[Any] | Any, *, xp: Any =
 
 
 def pixel_kabsch(layout: ShoeboxLayout, c1: Any, c2: Any, c3: Any, *, xp: Any = None,
-                 indices: tuple[Any, Any, Any, Any] | None = None, pixels: Any = None) -> tuple[Any, Any, Any, Any]:
+                 indices: tuple[Any, Any, Any, Any] | None = None, pixels: Any = None,
+                 compiled: bool | None = None) -> tuple[Any, Any, Any, Any]:
     """Kabsch coordinates of every pixel's centre and the volume it spans in them.
 
     The centre's ``(c1, c2)`` is the mean of the pixel's four corners (from
@@ -586,7 +624,8 @@ def pixel_kabsch(layout: ShoeboxLayout, c1: Any, c2: Any, c3: Any, *, xp: Any = 
     (:mod:`gpuflm.kernels.profile_fit`).
 
     ``indices`` (:func:`pixel_indices`) may be given; ``pixels`` selects
-    the pixels (an index array) for which to compute them.
+    the pixels (an index array) for which to compute them. ``compiled``: use
+    the compiled CPU twin (the same numbers; default for NumPy arrays).
 
     Returns
     -------
@@ -595,6 +634,10 @@ def pixel_kabsch(layout: ShoeboxLayout, c1: Any, c2: Any, c3: Any, *, xp: Any = 
     xp = _namespace(xp, c1)
     c1, c2, c3 = _to(xp, c1), _to(xp, c2), _to(xp, c3)
     seg, k, j, i = pixel_indices(layout, xp=xp) if indices is None else indices
+    if _compiled(xp, compiled):
+        from . import shoebox_cpu
+
+        return shoebox_cpu.pixel_kabsch(layout, c1, c2, c3, (seg, k, j, i), pixels)
     if pixels is not None:
         seg, k, j, i = (xp.take(a, pixels) for a in (seg, k, j, i))
     nxc = xp.take(_dev(xp, layout.size[:, 2] + 1), seg)

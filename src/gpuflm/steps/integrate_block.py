@@ -738,7 +738,7 @@ def integrate_block(
             claims = list(each(lambda bt: sb.core_keys_of(
                 experiment, bt.layout, first_frame, bt.c1, bt.c2, bt.c3, delta_b=config.n_sigma * sigma_b,
                 delta_m=xp.asarray(config.n_sigma * bt.sigma_m), xp=xp), batches))
-            merged = sb.CoreClaims.of(xp.sort(xp.concat(claims)), xp=xp)
+            merged = sb.CoreClaims.of_pieces(claims, xp=xp)
         layout_profiles = profiles if profiles is not None else accumulate
         prof_id = profile_index(layout_profiles, experiment, panel, np.asarray(predictions["xyzcal.px"]))
 
