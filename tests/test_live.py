@@ -282,3 +282,22 @@ def test_live_options_need_wait(tmp_path, capsys):
     code = main(["process", str(tmp_path / "x_00001.cbf"), "-o", str(tmp_path / "s"), "--chunk", "5"])
     _, err = capsys.readouterr()
     assert code == 2 and "give --wait" in err and err.count("\n") == 1
+
+
+def test_live_indexing_failure_keeps_the_spots(staged, tmp_path):
+    """A sweep that cannot be indexed (here: spots kept only to 12 A, too few) is tried again with every
+    block and at the end; the run then fails naming the step, and the session keeps import and find-spots."""
+    from gpuflm.driver.pipeline import process
+
+    src, _, _ = staged
+    dst = tmp_path / "done"
+    shutil.copytree(src, dst)  # collection already over: the wait ends it
+    with pytest.raises(GpuflmError, match="step index failed") as info:
+        process([dst / "sim_00001.cbf"], tmp_path / "live", steps=["find-spots", "index", "integrate"],
+                options={"find-spots": {"config": SpotfindConfig(annulus=None, d_min=12.0)}},
+                backend="numpy", wait=0.5, block=4, chunk=4, index_after_deg=1.0)
+    assert "gpuflm index" in info.value.hint
+    live = Session.load(tmp_path / "live")
+    assert [h["step"] for h in live.history] == ["import", "find-spots"]
+    assert live.experiments[0].crystal is None
+    assert "too few" in str(info.value) or "spots to index" in str(info.value)

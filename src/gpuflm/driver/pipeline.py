@@ -501,7 +501,13 @@ def _finish_live_integration(session: Session, integration: Any, experiment: Any
     from .indexing import record_index
     from .integrate import record_integration
 
-    result = integration.finish(experiment, spots)
+    try:
+        result = integration.finish(experiment, spots)
+    except GpuflmError as exc:
+        step = "integrate" if integration.indexed else "index"
+        raise GpuflmError(f"step {step} failed: {exc.one_line()}",
+                          hint=f"the session keeps import, find-spots; change what is wrong and go on with "
+                               f"'gpuflm index {session.path}' (then integrate)") from exc
     live = integration.summary()
     run = integration.final_index_run(experiment)
     params = {"config": to_json(integration.index_config.to_dict()), "sectors": [1],
