@@ -133,8 +133,9 @@ class IntegrationConfig:
     cpu_threads : int or None
         On the CPU, batches measured at once by this many threads (NumPy
         leaves the interpreter lock while it works on large arrays); None:
-        every core (``os.cpu_count()``). The results do not depend on it
-        (batches are independent and joined in order). Ignored on a GPU.
+        the cores this process may use, at most :data:`MAX_AUTO_THREADS`
+        (each thread holds a batch's working set). The results do not depend
+        on it (batches are independent and joined in order). Ignored on a GPU.
     """
 
     n_sigma: float = DEFAULT_N_SIGMA
@@ -363,6 +364,19 @@ OUTPUT_COLUMNS = {
     "lp": "1 / (L P)", "detector_efficiency": "sensor absorption efficiency", "flags": "MOSFLM FLAG bits",
     "status": "gpuflm status bits", "profile_id": "flat index of the reference profile (-1 none)",
 }
+
+
+#: Most batch threads chosen automatically on the CPU (memory: each holds a batch of up to 2^19 box pixels).
+MAX_AUTO_THREADS = 8
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system reports it), at most MAX_AUTO_THREADS."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_AUTO_THREADS))
 
 
 def _namespace(backend: Any) -> Any:
@@ -723,7 +737,7 @@ def integrate_block(
     ranges = _batches(npix, int(budget))
     # on the CPU, batches are prepared and measured by several threads (NumPy leaves the interpreter lock on
     # large arrays); everything is joined in batch order, so the results do not depend on the threads
-    threads = 1 if xp is not np else min(len(ranges), int(config.cpu_threads or os.cpu_count() or 1))
+    threads = 1 if xp is not np else min(len(ranges), int(config.cpu_threads or _usable_cores()))
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpuflm-integrate") if threads > 1 else None
 
     def each(fn: Any, items: Any) -> Iterator[Any]:
